@@ -1,0 +1,93 @@
+"""Configuration of a Diffusion Policy: everything needed to rebuild the network and the sampler.
+
+Kept separate from the modelling code (LeRobot's configuration / modelling split) so that a
+checkpoint's ``config.json`` can be read and validated without building a network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+
+@dataclass
+class DiffusionPolicyConfig:
+    # Data interface.
+    obs_dim: int
+    action_dim: int = 7
+    obs_keys: list[str] = field(default_factory=list)  # concatenation order of robosuite obs keys
+    env: str | None = None
+    # Temporal structure (Diffusion Policy's defaults): predict `horizon` actions from
+    # `n_obs_steps` observations, execute `n_action_steps` of them starting at n_obs_steps - 1.
+    horizon: int = 16
+    n_obs_steps: int = 2
+    n_action_steps: int = 8
+    # ConditionalUnet1D.
+    down_dims: list[int] = field(default_factory=lambda: [64, 128, 256])
+    kernel_size: int = 5
+    n_groups: int = 8
+    diffusion_step_embed_dim: int = 128
+    # DDPM training noise schedule (diffusers DDPMScheduler arguments).
+    num_train_timesteps: int = 100
+    beta_schedule: str = "squaredcos_cap_v2"
+    clip_sample: bool = True
+    prediction_type: str = "epsilon"
+    # Default sampler used at inference (see parapolicy.samplers.make_sampler).
+    sampler: str = "ddpm"
+    num_inference_steps: int = 100
+    sampler_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.obs_keys = list(self.obs_keys)
+        self.down_dims = [int(d) for d in self.down_dims]
+        self.sampler_options = dict(self.sampler_options)
+        if self.n_obs_steps < 1 or self.n_action_steps < 1:
+            raise ValueError("n_obs_steps and n_action_steps must be >= 1")
+        if self.action_start + self.n_action_steps > self.horizon:
+            raise ValueError(
+                f"horizon {self.horizon} too short to execute {self.n_action_steps} actions "
+                f"starting at index {self.action_start}"
+            )
+        levels = len(self.down_dims) - 1
+        if self.horizon % (2**levels):
+            raise ValueError(f"horizon {self.horizon} must be divisible by 2**{levels} for down_dims {self.down_dims}")
+        if any(d % self.n_groups for d in self.down_dims):
+            raise ValueError(f"every down_dims entry must be divisible by n_groups={self.n_groups}")
+
+    @property
+    def action_start(self) -> int:
+        """Index of the first executed action in the predicted sequence (DP: n_obs_steps - 1)."""
+        return self.n_obs_steps - 1
+
+    @property
+    def global_cond_dim(self) -> int:
+        return self.obs_dim * self.n_obs_steps
+
+    def network_kwargs(self) -> dict[str, Any]:
+        return dict(
+            input_dim=self.action_dim,
+            global_cond_dim=self.global_cond_dim,
+            diffusion_step_embed_dim=self.diffusion_step_embed_dim,
+            down_dims=list(self.down_dims),
+            kernel_size=self.kernel_size,
+            n_groups=self.n_groups,
+        )
+
+    def scheduler_kwargs(self) -> dict[str, Any]:
+        return dict(
+            num_train_timesteps=self.num_train_timesteps,
+            beta_schedule=self.beta_schedule,
+            clip_sample=self.clip_sample,
+            prediction_type=self.prediction_type,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DiffusionPolicyConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown policy config fields {unknown}")
+        return cls(**data)

@@ -1,0 +1,264 @@
+"""DiffusionPolicy: Chi et al.'s low-dim U-Net Diffusion Policy with a pluggable (parallel) sampler.
+
+The network only ever sees normalised data; the policy normalises observations on the way in and
+unnormalises actions on the way out. Sampling is delegated to ``parapolicy.samplers`` through a
+``denoise(x [K, B, H, A], t [K]) -> eps`` callback that evaluates K denoising steps in one batched
+forward pass, which is what parallel (Picard-style) samplers need.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from parapolicy.policy.configuration import DiffusionPolicyConfig
+from parapolicy.policy.normalizer import PolicyNormalizer
+from parapolicy.policy.unet import ConditionalUnet1D
+
+
+def _public_scheduler_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """diffusers' scheduler.config as a plain JSON-able dict (private ``_*`` bookkeeping dropped)."""
+    return {k: v for k, v in dict(config).items() if not k.startswith("_")}
+
+
+class DiffusionPolicy(nn.Module):
+    """State dict keys: ``model.*`` (ConditionalUnet1D) and ``normalizer.{obs,action}.{min,max}``."""
+
+    def __init__(self, config: DiffusionPolicyConfig, scheduler_config: Mapping[str, Any] | None = None):
+        super().__init__()
+        from diffusers import DDPMScheduler
+
+        self.config = config
+        self.model = ConditionalUnet1D(**config.network_kwargs())
+        self.normalizer = PolicyNormalizer(config.obs_dim, config.action_dim)
+        if scheduler_config is None:
+            self.noise_scheduler = DDPMScheduler(**config.scheduler_kwargs())
+        else:
+            self.noise_scheduler = DDPMScheduler.from_config(dict(scheduler_config))
+        self._sampler_spec = (config.sampler, config.num_inference_steps, dict(config.sampler_options))
+        self._sampler = None  # built lazily: training never needs parapolicy.samplers
+        self.last_info: dict[str, Any] = {}
+        self.reset()
+
+    # ------------------------------------------------------------------ configuration
+    @property
+    def scheduler_config(self) -> dict[str, Any]:
+        return _public_scheduler_config(self.noise_scheduler.config)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def sampler_name(self) -> str:
+        return self._sampler_spec[0]
+
+    @property
+    def num_inference_steps(self) -> int:
+        return self._sampler_spec[1]
+
+    @property
+    def sampler_options(self) -> dict[str, Any]:
+        return dict(self._sampler_spec[2])
+
+    @property
+    def sampler(self):
+        if self._sampler is None:
+            from parapolicy.samplers import make_sampler
+
+            name, steps, options = self._sampler_spec
+            self._sampler = make_sampler(name, self.scheduler_config, steps, **options)
+        return self._sampler
+
+    def set_sampler(self, name: str, num_inference_steps: int | None = None, **options: Any) -> "DiffusionPolicy":
+        """Swap the sampler (e.g. ``set_sampler("picard", window=8, tolerance=1e-3)``); built right away
+        so that a bad name or option fails here, not in the control loop."""
+        steps = self.num_inference_steps if num_inference_steps is None else int(num_inference_steps)
+        previous = (self._sampler_spec, self._sampler)
+        self._sampler_spec = (name, steps, dict(options))
+        self._sampler = None
+        try:
+            self.sampler
+        except Exception:
+            self._sampler_spec, self._sampler = previous
+            raise
+        return self
+
+    # ------------------------------------------------------------------ training
+    def compute_loss(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
+        """DDPM epsilon loss on raw batch ``obs [B, n_obs_steps, obs_dim]``, ``action [B, horizon, A]``."""
+        obs = self.normalizer.obs.normalize(batch["obs"])
+        actions = self.normalizer.action.normalize(batch["action"])
+        batch_size = actions.shape[0]
+        gen_device = generator.device if generator is not None else actions.device
+        noise = torch.randn(actions.shape, generator=generator, device=gen_device).to(actions.device)
+        timesteps = torch.randint(
+            self.noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator, device=gen_device
+        ).to(actions.device)
+        noisy = self.noise_scheduler.add_noise(actions, noise, timesteps)
+        pred = self.model(noisy, timesteps, obs.flatten(1))
+        if self.config.prediction_type == "epsilon":
+            target = noise
+        elif self.config.prediction_type == "sample":
+            target = actions
+        else:
+            raise ValueError(f"unsupported prediction_type {self.config.prediction_type!r}")
+        return F.mse_loss(pred, target)
+
+    # ------------------------------------------------------------------ inference
+    def make_denoise_fn(self, global_cond: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """Sampler callback for a fixed normalised ``global_cond [B, G]``.
+
+        ``denoise(x [K, B, H, A], t [K]) -> [K, B, H, A]`` folds the K timesteps into the batch
+        (row k*B + b has timestep t[k]); the K-times repeated conditioning is cached per K since
+        a sampler calls with the same K over and over.
+        """
+        batch = global_cond.shape[0]
+        cond_cache: dict[int, torch.Tensor] = {}
+        model = self.model
+
+        def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            squeeze = x.ndim == 3  # tolerate a plain [B, H, A] call with one timestep
+            if squeeze:
+                x = x.unsqueeze(0)
+            k = x.shape[0]
+            cond = cond_cache.get(k)
+            if cond is None:
+                cond = cond_cache[k] = global_cond.repeat(k, 1)
+            t = torch.as_tensor(t, device=x.device).reshape(-1)
+            if t.numel() == 1 and k > 1:
+                t = t.expand(k)
+            out = model(x.reshape(k * batch, *x.shape[2:]), t.repeat_interleave(batch), cond)
+            out = out.reshape(x.shape)
+            return out.squeeze(0) if squeeze else out
+
+        return denoise
+
+    def _check_obs_history(self, obs_history: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        obs_history = torch.as_tensor(obs_history, dtype=torch.float32, device=self.device)
+        expected = (cfg.n_obs_steps, cfg.obs_dim)
+        if obs_history.ndim != 3 or tuple(obs_history.shape[1:]) != expected:
+            raise ValueError(
+                f"obs_history must have shape [B, {cfg.n_obs_steps}, {cfg.obs_dim}], got {list(obs_history.shape)}"
+            )
+        if not torch.isfinite(obs_history).all():
+            raise ValueError("obs_history contains NaN or inf")
+        return obs_history
+
+    @torch.inference_mode()
+    def predict_action(
+        self,
+        obs_history: torch.Tensor,
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
+        x_T: torch.Tensor | None = None,
+    ) -> dict[str, Any]:
+        """Plan actions for a batch of observation histories.
+
+        obs_history ``[B, n_obs_steps, obs_dim]`` (raw units). ``x_T`` ``[B, horizon, A]`` is the
+        initial noise (drawn from ``generator`` if None); ``noise`` is passed to the sampler (the
+        per-step DDPM noise, so different samplers can be compared on the same randomness).
+
+        Returns ``action [B, n_action_steps, A]`` (the executed slice), ``action_pred [B, horizon, A]``
+        in raw units, and the sampler's ``rounds``, ``model_evals``, ``converged``, ``errors``,
+        ``trajectory`` (normalised units, may be None).
+        """
+        cfg = self.config
+        obs_history = self._check_obs_history(obs_history)
+        batch = obs_history.shape[0]
+        if self.model.training:
+            self.model.eval()
+        global_cond = self.normalizer.obs.normalize(obs_history).flatten(1)  # [B, n_obs_steps * obs_dim]
+        shape = (batch, cfg.horizon, cfg.action_dim)
+        if x_T is None:
+            gen_device = generator.device if generator is not None else self.device
+            x_T = torch.randn(shape, generator=generator, device=gen_device)
+        elif tuple(x_T.shape) != shape:
+            raise ValueError(f"x_T must have shape {list(shape)}, got {list(x_T.shape)}")
+        x_T = x_T.to(self.device, torch.float32)
+        if noise is not None:
+            noise = noise.to(self.device, torch.float32)
+
+        out = self.sampler.sample(self.make_denoise_fn(global_cond), x_T, noise=noise, generator=generator)
+        action_pred = self.normalizer.action.unnormalize(out.sample)
+        start = cfg.action_start
+        return {
+            "action": action_pred[:, start : start + cfg.n_action_steps],
+            "action_pred": action_pred,
+            "rounds": getattr(out, "rounds", None),
+            "model_evals": getattr(out, "model_evals", None),
+            "converged": getattr(out, "converged", None),
+            "errors": getattr(out, "errors", None),
+            "trajectory": getattr(out, "trajectory", None),
+        }
+
+    # ------------------------------------------------------------------ control-loop API
+    def reset(self) -> None:
+        """Forget the observation history and queued actions (call at every episode start)."""
+        self._obs_history: deque[np.ndarray] = deque(maxlen=self.config.n_obs_steps)
+        self._action_queue: deque[np.ndarray] = deque()
+
+    def _flat_obs(self, obs: Mapping[str, Any] | np.ndarray | torch.Tensor) -> np.ndarray:
+        cfg = self.config
+        if isinstance(obs, Mapping):
+            missing = [k for k in cfg.obs_keys if k not in obs]
+            if missing:
+                raise ValueError(f"observation dict lacks keys {missing} (policy needs {cfg.obs_keys})")
+            flat = np.concatenate([np.asarray(obs[k], dtype=np.float32).reshape(-1) for k in cfg.obs_keys])
+        elif isinstance(obs, (np.ndarray, torch.Tensor)):
+            flat = obs.detach().cpu().numpy() if isinstance(obs, torch.Tensor) else obs
+            flat = np.asarray(flat, dtype=np.float32)
+            if flat.shape != (cfg.obs_dim,):
+                raise ValueError(f"flat observation must have shape ({cfg.obs_dim},), got {flat.shape}")
+        else:
+            raise ValueError(f"observation must be a dict or an array, got {type(obs).__name__}")
+        if flat.shape != (cfg.obs_dim,):
+            raise ValueError(
+                f"observation keys {cfg.obs_keys} give {flat.shape[0]} values, policy expects obs_dim={cfg.obs_dim}"
+            )
+        if not np.isfinite(flat).all():
+            raise ValueError("observation contains NaN or inf")
+        return flat
+
+    def act(self, obs: Mapping[str, Any] | np.ndarray | torch.Tensor) -> np.ndarray:
+        """One control step: record ``obs`` and return the next action ``[action_dim]`` (float32).
+
+        Replans every ``n_action_steps`` calls (when the action queue runs dry) from the last
+        ``n_obs_steps`` observations; the first call after ``reset()`` repeats its observation to fill
+        the history. ``last_info`` describes this call (``replanned``, ``rounds``, ``model_evals``,
+        ``converged``, ``latency_s``).
+        """
+        start = time.perf_counter()
+        flat = self._flat_obs(obs)
+        if not self._obs_history:
+            self._obs_history.extend([flat] * self.config.n_obs_steps)
+        else:
+            self._obs_history.append(flat)
+
+        replanned = not self._action_queue
+        info: dict[str, Any] = {"replanned": replanned, "rounds": 0, "model_evals": 0, "converged": None}
+        if replanned:
+            history = torch.from_numpy(np.stack(self._obs_history))[None]  # [1, n_obs_steps, obs_dim]
+            plan = self.predict_action(history)
+            self._action_queue.extend(plan["action"][0].cpu().numpy())
+            converged = plan["converged"]
+            if torch.is_tensor(converged):
+                converged = bool(converged.all())
+            info.update(rounds=_as_int(plan["rounds"]), model_evals=_as_int(plan["model_evals"]), converged=converged)
+        action = self._action_queue.popleft()
+        info["latency_s"] = time.perf_counter() - start
+        self.last_info = info
+        return action
+
+
+def _as_int(value: Any) -> Any:
+    if torch.is_tensor(value):
+        return int(value.max()) if value.numel() > 1 else int(value)
+    return value
