@@ -296,10 +296,11 @@ def train(cfg: DictConfig) -> Path:
             if run is not None:
                 run.log({"loss": loss_value, "loss_ema": loss_ema, "lr": lr}, step=step)
         out_of_time = time_limit_s is not None and time.time() - start_time > time_limit_s
+        out_of_time = out_of_time or (cfg.get("stop_at") is not None and step >= cfg.stop_at)
         if step % cfg.checkpoint_every == 0 or step == cfg.iters or out_of_time:
             checkpoint(step, loss_value)
         if out_of_time:
-            tqdm.write(f"time_limit_min={cfg.time_limit_min} reached at iter {step}; stopping (resume to continue)")
+            tqdm.write(f"stopping at iter {step} (time_limit_min / stop_at); run again to resume")
             break
     bar.close()
     if run is not None:

@@ -159,12 +159,14 @@ class DiffusionPolicy(nn.Module):
         generator: torch.Generator | None = None,
         noise: torch.Tensor | None = None,
         x_T: torch.Tensor | None = None,
+        init: torch.Tensor | None = None,
     ) -> dict[str, Any]:
         """Plan actions for a batch of observation histories.
 
         obs_history ``[B, n_obs_steps, obs_dim]`` (raw units). ``x_T`` ``[B, horizon, A]`` is the
         initial noise (drawn from ``generator`` if None); ``noise`` is passed to the sampler (the
-        per-step DDPM noise, so different samplers can be compared on the same randomness).
+        per-step DDPM noise, so different samplers can be compared on the same randomness); ``init``
+        is a parallel sampler's warm-start trajectory (e.g. a previous ``trajectory``).
 
         Returns ``action [B, n_action_steps, A]`` (the executed slice), ``action_pred [B, horizon, A]``
         in raw units, and the sampler's ``rounds``, ``model_evals``, ``converged``, ``errors``,
@@ -186,7 +188,7 @@ class DiffusionPolicy(nn.Module):
         if noise is not None:
             noise = noise.to(self.device, torch.float32)
 
-        out = self.sampler.sample(self.make_denoise_fn(global_cond), x_T, noise=noise, generator=generator)
+        out = self.sampler.sample(self.make_denoise_fn(global_cond), x_T, noise=noise, generator=generator, init=init)
         action_pred = self.normalizer.action.unnormalize(out.sample)
         start = cfg.action_start
         return {
