@@ -1,0 +1,271 @@
+"""What every sampler shares: the diffusers scheduler, its timesteps, per-step tables, noise and checks.
+
+Conventions (all samplers, sequential and parallel):
+
+- ``x_T``: ``[B, *event]``, the initial noise; dim 0 is the batch of independent samples.
+- ``denoise(x, t)``: time-batched model. ``x`` is ``[K, B, *event]`` (K trajectory points stacked in
+  front of the sample batch), ``t`` a LongTensor ``[K]`` of scheduler timesteps; returns the model output
+  (epsilon / sample / v, as the scheduler config says) with the shape of ``x``. Sequential samplers call
+  it with K = 1.
+- Step ``i`` (0 <= i < N, in ``scheduler.timesteps`` order) maps trajectory point ``x_i`` (at timestep
+  ``timesteps[i]``) to ``x_{i+1} = step_no_noise(x_i, eps_i, i) + noise_std[i] * noise[i]``; ``x_0 = x_T``
+  and ``x_N`` is the sample. ``noise`` is ``[N, B, *event]`` of unit Gaussians; ``noise_std[N-1] = 0``.
+  With the noise drawn up front the map is deterministic, so every exact parallel method converges to
+  the sequential trajectory for that noise.
+
+A sampler for a new algorithm (SRDS, ParaTAA, ...) reuses, from the solver classes:
+``step_no_noise`` (batched over trajectory points with different timesteps), ``noise_std`` /
+``tolerance_variance`` (per-step tables), ``scaled_noise`` (draws / validates noise),
+``initial_trajectory`` (validates a warm start), ``new_history`` (multistep solvers) and ``coef``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Callable, ClassVar, Optional
+
+import torch
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclasses.dataclass
+class SampleOutput:
+    """Result of ``Sampler.sample``.
+
+    sample: ``[B, *event]``, the final trajectory point x_N (the current estimate if not converged).
+    rounds: sequential batched ``denoise`` calls, the latency-relevant depth.
+    model_evals: timestep evaluations per sample, summed over rounds (N for a sequential sampler).
+    errors: one entry per round, the convergence error of that round (parallel samplers; see there).
+    converged: False when ``max_rounds`` or ``deadline_ms`` stopped a parallel sampler early.
+    trajectory: ``[N + 1, B, *event]``, x_0 = x_T ... x_N (warm starts feed it back as ``init``).
+    """
+
+    sample: torch.Tensor
+    rounds: int
+    model_evals: int
+    errors: list[float]
+    converged: bool
+    trajectory: Optional[torch.Tensor] = None
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 or wider: trajectory sums must not run in half precision even when the model does."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def check_positive_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+class Sampler:
+    """Base class: one diffusers scheduler, set to ``num_inference_steps``, plus vectorised step tables.
+
+    Subclasses (one per solver) set ``scheduler_class``, build their per-step tables in
+    ``_build_tables`` (1-D tensors of length N, derived from the scheduler object's own tables), and
+    implement ``step_no_noise`` (batched, own code) and ``_scheduler_step`` (sequential, diffusers).
+    Tables must contain ``noise_std`` and ``tolerance_variance``.
+    """
+
+    name: ClassVar[str] = "base"
+    scheduler_class: ClassVar[type]
+    is_parallel: ClassVar[bool] = False
+    # Multistep solvers read earlier steps' data predictions: see `new_history`.
+    is_multistep: ClassVar[bool] = False
+
+    def __init__(self, scheduler_config, num_inference_steps: int, *, scheduler_kwargs: Optional[dict] = None):
+        check_positive_int("num_inference_steps", num_inference_steps)
+        self.scheduler = self.scheduler_class.from_config(dict(scheduler_config), **(scheduler_kwargs or {}))
+        num_train = self.scheduler.config.num_train_timesteps
+        if num_inference_steps > num_train:
+            raise ValueError(
+                f"num_inference_steps ({num_inference_steps}) cannot exceed num_train_timesteps ({num_train})"
+            )
+        self.scheduler.set_timesteps(num_inference_steps)
+        self.timesteps: torch.Tensor = self.scheduler.timesteps.to(torch.long).clone()
+        self.num_inference_steps = len(self.timesteps)
+        self._tables: dict[str, torch.Tensor] = self._build_tables()
+        self._cache: dict = {}
+
+    # ------------------------------------------------------------------ tables
+    def _build_tables(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @property
+    def noise_std(self) -> torch.Tensor:
+        """``[N]``: standard deviation of the Gaussian added at step i (0 for ODE solvers and the last step)."""
+        return self._tables["noise_std"]
+
+    @property
+    def tolerance_variance(self) -> torch.Tensor:
+        """``[N]``: variance that scales the convergence error of the point leaving step i.
+
+        The DDPM posterior variance between step i's timestep and the one it steps to, for every solver
+        (ParaDiGMS's convention, ODE solvers included). 0 where the step adds no noise at all (the last
+        step, usually): a point entering it must be exact, i.e. unchanged.
+        """
+        return self._tables["tolerance_variance"]
+
+    @property
+    def is_stochastic(self) -> bool:
+        return bool((self.noise_std > 0).any())
+
+    def table(self, name: str, device, dtype) -> torch.Tensor:
+        """Table ``name`` (``[N]``) on ``device`` in ``dtype``, cached: no host->device copy per round."""
+        key = (name, torch.device(device), dtype)
+        if key not in self._cache:
+            self._cache[key] = self._tables[name].to(device=device, dtype=dtype)
+        return self._cache[key]
+
+    def coef(self, name: str, steps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Table ``name`` gathered at ``steps`` ``[K]``, shaped ``[K, 1, ...]`` to broadcast against ``like``."""
+        values = self.table(name, like.device, like.dtype).index_select(0, steps)
+        return values.view(-1, *([1] * (like.ndim - 1)))
+
+    def timesteps_on(self, device) -> torch.Tensor:
+        key = ("timesteps", torch.device(device))
+        if key not in self._cache:
+            self._cache[key] = self.timesteps.to(device)
+        return self._cache[key]
+
+    # ------------------------------------------------------------------ stepping
+    def step_no_noise(
+        self,
+        x: torch.Tensor,
+        model_output: torch.Tensor,
+        steps: torch.Tensor,
+        history: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Batched deterministic part of the steps: ``x`` ``[K, B, *event]`` at step indices ``steps``
+        ``[K]`` (positions in ``timesteps``, not timesteps) with their model outputs -> ``[K, B, *event]``,
+        the next points without noise. Points may be at any steps; multistep solvers also need ``history``.
+        """
+        raise NotImplementedError
+
+    def new_history(self, x_T: torch.Tensor, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """Buffer ``[N, B, *event]`` of per-step data predictions for multistep solvers, else None.
+
+        ``step_no_noise`` writes the predictions of the steps it is given into it and reads those of
+        the steps before (so a step's predecessors must have been stepped earlier or in the same call).
+        """
+        if not self.is_multistep:
+            return None
+        return x_T.new_zeros((self.num_inference_steps, *x_T.shape), dtype=dtype)
+
+    def _denoised_from_output(self, x, model_output, sqrt_alpha, sqrt_one_minus_alpha):
+        """Predicted x0 ``[K, B, *event]`` from the model output, as diffusers' step computes it."""
+        kind = self.scheduler.config.prediction_type
+        if kind == "epsilon":
+            return (x - sqrt_one_minus_alpha * model_output) / sqrt_alpha
+        if kind == "sample":
+            return model_output
+        if kind == "v_prediction":
+            return sqrt_alpha * x - sqrt_one_minus_alpha * model_output
+        raise ValueError(f"prediction_type {kind!r} is not supported by {self.name}")
+
+    def _clip_denoised(self, x0: torch.Tensor, allow_clip: bool = True) -> torch.Tensor:
+        """Threshold or clip predicted x0 exactly when the scheduler's own step does.
+
+        ``allow_clip=False`` for schedulers whose step ignores ``clip_sample`` (DPMSolver keeps the key of
+        a DDPM config it was built from, but never clips).
+        """
+        config = self.scheduler.config
+        if config.get("thresholding", False):
+            # diffusers thresholds each sample of dim 0; fold the K trajectory points into that dim.
+            flat = x0.reshape(-1, *x0.shape[2:])
+            return self.scheduler._threshold_sample(flat).reshape(x0.shape)
+        if allow_clip and config.get("clip_sample", False):
+            limit = config.get("clip_sample_range", 1.0)
+            return x0.clamp(-limit, limit)
+        return x0
+
+    # ------------------------------------------------------------------ noise / init
+    def check_x_T(self, x_T: torch.Tensor) -> None:
+        if not torch.is_tensor(x_T) or not x_T.is_floating_point() or x_T.ndim < 1:
+            raise ValueError("x_T must be a floating-point tensor [B, *event]")
+
+    def unit_noise(self, x_T, noise=None, generator=None) -> Optional[torch.Tensor]:
+        """``[N, B, *event]`` unit Gaussians in ``x_T``'s dtype, or None for a deterministic sampler.
+
+        A given ``noise`` is validated (and moved); otherwise it is drawn from ``generator`` with one
+        ``torch.randn`` call on the generator's device.
+        """
+        expected = (self.num_inference_steps, *x_T.shape)
+        if noise is not None:
+            if tuple(noise.shape) != expected:
+                raise ValueError(
+                    f"noise must have shape [num_inference_steps, *x_T.shape] = {list(expected)}, "
+                    f"got {list(noise.shape)}"
+                )
+            return noise.to(device=x_T.device, dtype=x_T.dtype) if self.is_stochastic else None
+        if not self.is_stochastic:
+            return None
+        device = generator.device if generator is not None else x_T.device
+        drawn = torch.randn(expected, generator=generator, device=device, dtype=accumulation_dtype(x_T.dtype))
+        return drawn.to(device=x_T.device, dtype=x_T.dtype)
+
+    def scaled_noise(self, x_T, noise=None, generator=None, dtype=None) -> Optional[torch.Tensor]:
+        """``[N, B, *event]`` noise already scaled by each step's std (``noise_std[i] * noise[i]``), or None."""
+        unit = self.unit_noise(x_T, noise, generator)
+        if unit is None:
+            return None
+        dtype = dtype or accumulation_dtype(x_T.dtype)
+        std = self.table("noise_std", x_T.device, dtype).view(-1, *([1] * x_T.ndim))
+        return std * unit.to(dtype)
+
+    def initial_trajectory(self, x_T, init=None, dtype=None) -> torch.Tensor:
+        """``[N + 1, B, *event]`` starting guess in ``dtype``: ``init`` if given (with init[0] := x_T,
+        since x_T is authoritative), else x_T everywhere (ParaDiGMS)."""
+        dtype = dtype or accumulation_dtype(x_T.dtype)
+        shape = (self.num_inference_steps + 1, *x_T.shape)
+        if init is None:
+            return x_T.to(dtype).expand(shape).clone()
+        if tuple(init.shape) != shape:
+            raise ValueError(
+                f"init must have shape [num_inference_steps + 1, *x_T.shape] = {list(shape)}, got {list(init.shape)}"
+            )
+        trajectory = init.to(device=x_T.device, dtype=dtype, copy=True)
+        trajectory[0] = x_T
+        return trajectory
+
+    # ------------------------------------------------------------------ sampling
+    def _reset_scheduler(self) -> None:
+        """Clear the scheduler's per-sample state (multistep history, step index) before a sequential run."""
+        self.scheduler.set_timesteps(self.num_inference_steps)
+
+    def _scheduler_step(self, model_output, step: int, x, unit_noise) -> torch.Tensor:
+        """One sequential step driven by diffusers' ``scheduler.step``; ``unit_noise`` ``[B, *event]`` or None."""
+        raise NotImplementedError
+
+    def sample(self, denoise: Denoiser, x_T: torch.Tensor, noise=None, generator=None, init=None) -> SampleOutput:
+        """Sequential sampling: N calls of ``denoise`` with K = 1. ``init`` is accepted and ignored."""
+        self.check_x_T(x_T)
+        unit = self.unit_noise(x_T, noise, generator)
+        self._reset_scheduler()
+        timesteps = self.timesteps_on(x_T.device)
+        trajectory = x_T.new_empty((self.num_inference_steps + 1, *x_T.shape))
+        trajectory[0] = x = x_T
+        for i in range(self.num_inference_steps):
+            model_output = denoise(x.unsqueeze(0), timesteps[i : i + 1]).squeeze(0)
+            x = self._scheduler_step(model_output, i, x, None if unit is None else unit[i])
+            trajectory[i + 1] = x
+        n = self.num_inference_steps
+        return SampleOutput(sample=x, rounds=n, model_evals=n, errors=[], converged=True, trajectory=trajectory)
+
+    # ------------------------------------------------------------------ misc
+    @classmethod
+    def option_names(cls) -> list[str]:
+        """Keyword options accepted by the constructor (collected over the class hierarchy)."""
+        names = set()
+        for klass in cls.__mro__:
+            init = klass.__dict__.get("__init__")
+            if init is not None:
+                params = inspect.signature(init).parameters.values()
+                names |= {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        return sorted(names)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, num_inference_steps={self.num_inference_steps})"
