@@ -27,7 +27,6 @@ from tqdm import tqdm
 from parapolicy.policy.checkpoint import (
     REPO_ROOT,
     load_safetensors,
-    provenance,
     save_checkpoint,
     save_safetensors,
 )
@@ -240,7 +239,7 @@ def train(cfg: DictConfig) -> Path:
     def checkpoint(step: int, last_loss: float | None) -> None:
         elapsed = elapsed_before + time.time() - start_time
         val = validation_loss(ema.model, val_set, cfg.batch_size, cfg.val_batches, device, cfg.seed + 1)
-        training_info = provenance(
+        training_info = dict(
             dataset=str(cfg.dataset), dataset_sha256=dataset_sha, iterations=step, final_loss=loss_ema,
             last_batch_loss=last_loss, val_loss=val, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
             train_demos=len(train_demos), val_demos=len(val_demos), elapsed_s=round(elapsed, 1),

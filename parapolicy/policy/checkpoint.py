@@ -83,7 +83,10 @@ def load_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(policy: DiffusionPolicy, folder: str | Path, training: Mapping[str, Any] | None = None) -> Path:
-    """Write ``policy`` (pass the EMA copy when training) to ``folder``; returns the folder."""
+    """Write ``policy`` (pass the EMA copy when training) to ``folder``; returns the folder.
+
+    ``training``: provenance such as dataset path / sha256, iterations, final loss.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cfg = policy.config
@@ -96,7 +99,8 @@ def save_checkpoint(policy: DiffusionPolicy, folder: str | Path, training: Mappi
         "scheduler": {"class": type(policy.noise_scheduler).__name__, **policy.scheduler_config},
         "sampler": {"name": cfg.sampler, "num_inference_steps": cfg.num_inference_steps, **cfg.sampler_options},
         "num_parameters": sum(p.numel() for p in policy.model.parameters()),
-        "training": dict(training or {}),
+        # Date / torch version / git commit are always recorded; `training` adds or overrides.
+        "training": {**provenance(), **(training or {})},
     }
     save_safetensors(policy.state_dict(), folder / WEIGHTS_FILE, metadata={"format": FORMAT})
     _atomic_write_bytes(folder / CONFIG_FILE, (json.dumps(config, indent=2, default=str) + "\n").encode())
