@@ -1,0 +1,40 @@
+# make run   : set up .venv (idempotent) and run the closed-loop eval on the shipped Square checkpoint
+# make test  : set up .venv (idempotent) and run the test suite
+# GPU users: make run TORCH_SPEC="torch==2.11.0" (or any CUDA build); the default is the CPU build.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PIP := $(VENV)/bin/pip
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.parapolicy-installed
+ARGS ?=
+
+.PHONY: setup run test collect train bench clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first, pinned: an unpinned torch may pull a multi-GB CUDA build
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[test]"
+	touch $(STAMP)
+
+run: setup
+	$(PY) -m parapolicy.eval $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q $(ARGS)
+
+collect: setup
+	$(PY) -m parapolicy.collect $(ARGS)
+
+train: setup
+	$(PY) -m parapolicy.train $(ARGS)
+
+bench: setup
+	$(PY) -m parapolicy.bench $(ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

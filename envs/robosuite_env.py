@@ -1,0 +1,178 @@
+"""Robosuite manipulation tasks as gymnasium environments with Diffusion Policy's low-dim observations.
+
+The environment side of parapolicy: it knows nothing of diffusion. Observations are the flat
+concatenation of robosuite observables in Diffusion Policy's order (``TaskSpec.obs_keys``); actions are
+the 7-dim OSC_POSE delta command in [-1, 1] (dx, dy, dz in 5 cm units, axis-angle in 0.5 rad units,
+gripper -1 open / +1 close) at 20 Hz.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import gymnasium as gym
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    robosuite_env: str
+    obs_keys: tuple[str, ...]
+    obs_dims: tuple[int, ...]
+    max_episode_steps: int = 400
+
+    @property
+    def obs_dim(self) -> int:
+        return sum(self.obs_dims)
+
+
+_LOW_DIM = ("object", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")
+
+TASKS: dict[str, TaskSpec] = {
+    "square": TaskSpec("square", "NutAssemblySquare", _LOW_DIM, (14, 3, 4, 2)),
+    "lift": TaskSpec("lift", "Lift", _LOW_DIM, (10, 3, 4, 2)),
+    "can": TaskSpec("can", "PickPlaceCan", _LOW_DIM, (14, 3, 4, 2)),
+}
+
+
+def get_task(name: str) -> TaskSpec:
+    """Look a task up by name, with an error that lists the known ones."""
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown env {name!r}; known envs: {', '.join(sorted(TASKS))}") from None
+
+
+def flatten_obs(raw: dict, obs_keys) -> np.ndarray:
+    """Concatenate robosuite observables in ``obs_keys`` order -> float32 ``[obs_dim]``.
+
+    robosuite names the object vector ``object-state``; robomimic datasets and Diffusion Policy call it
+    ``object``. Both spellings are accepted.
+    """
+    parts = []
+    for key in obs_keys:
+        value = raw.get(key)
+        if value is None and key == "object":
+            value = raw.get("object-state")
+        if value is None:
+            raise KeyError(f"observation has no key {key!r}")
+        parts.append(np.asarray(value, dtype=np.float32).reshape(-1))
+    return np.concatenate(parts)
+
+
+def robosuite_kwargs(spec: TaskSpec, seed: int | None) -> dict:
+    """The ``suite.make`` arguments of our tasks (also stored as ``env_args`` in datasets)."""
+    return dict(
+        env_name=spec.robosuite_env,
+        robots="Panda",
+        has_renderer=False,
+        has_offscreen_renderer=False,
+        use_camera_obs=False,
+        use_object_obs=True,
+        control_freq=20,
+        horizon=spec.max_episode_steps,
+        ignore_done=True,  # the wrapper owns episode ends
+        hard_reset=False,  # ~3 ms resets instead of ~250 ms
+        reward_shaping=False,
+        seed=seed,
+    )
+
+
+class RobosuiteEnv(gym.Env):
+    """One robosuite task as a gymnasium environment.
+
+    ``reset(seed=s)`` gives the same initial state for the same ``s``, in any instance or process:
+    robosuite 1.5 samples object placement and joint noise from its own ``env.rng`` (``np.random.seed``
+    does nothing), so the wrapper reseeds that generator in place. Episodes end on success (``terminated``) or after
+    ``max_episode_steps`` (``truncated``); ``info["is_success"]`` reports the task's success check. A
+    simulator error or a non-finite observation ends the episode with ``info["error"]`` instead of
+    raising, so one unstable episode cannot take down a vector of environments.
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, task: str = "square", max_episode_steps: int | None = None, model_seed: int = 0):
+        import robosuite as suite  # heavy import (numba JIT on first make), kept out of module import
+
+        self.spec_task = get_task(task)
+        self.max_episode_steps = int(max_episode_steps or self.spec_task.max_episode_steps)
+        # model_seed fixes construction-time randomness (Lift's cube size is drawn from env.rng in
+        # suite.make), so that every instance builds the same model and reset(seed) alone decides.
+        kwargs = robosuite_kwargs(self.spec_task, model_seed)
+        self._make_kwargs = kwargs
+        self.robosuite_env = suite.make(**{k: v for k, v in kwargs.items() if k != "env_name"}, env_name=kwargs["env_name"])
+        dim = self.spec_task.obs_dim
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, shape=(dim,), dtype=np.float32)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, shape=(7,), dtype=np.float32)
+        self._raw_obs: dict | None = None
+        self._steps = 0
+
+    # --- gymnasium API -------------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        if seed is not None:
+            # Reseed robosuite's generator in place: the placement samplers hold a reference to it.
+            fresh = np.random.default_rng(seed)
+            self.robosuite_env.rng.bit_generator.state = fresh.bit_generator.state
+        self._raw_obs = self.robosuite_env.reset()
+        self._steps = 0
+        return self._obs(), {"is_success": False}
+
+    def step(self, action):
+        action = np.clip(np.asarray(action, dtype=np.float64).reshape(7), -1.0, 1.0)
+        self._steps += 1
+        truncated = self._steps >= self.max_episode_steps
+        try:
+            self._raw_obs, reward, _, _ = self.robosuite_env.step(action)
+            obs = self._obs()
+            if not np.all(np.isfinite(obs)):
+                raise FloatingPointError("non-finite observation (simulation unstable)")
+        except Exception as err:  # MuJoCo instability etc.: end this episode, keep the process alive
+            obs = np.zeros(self.observation_space.shape, np.float32)
+            return obs, 0.0, True, truncated, {"is_success": False, "error": f"{type(err).__name__}: {err}"}
+        success = bool(self.robosuite_env._check_success())
+        return obs, float(reward), success, truncated, {"is_success": success}
+
+    # --- extras for experts, datasets and policies ----------------------------------------------
+    @property
+    def raw_obs(self) -> dict:
+        """The last robosuite observation dict (what ``policy.act`` also accepts)."""
+        return self._raw_obs
+
+    @property
+    def elapsed_steps(self) -> int:
+        return self._steps
+
+    @property
+    def sim(self):
+        return self.robosuite_env.sim
+
+    def get_state(self) -> np.ndarray:
+        """Flattened MuJoCo state, robomimic's ``states`` entry."""
+        return np.asarray(self.sim.get_state().flatten())
+
+    def env_args(self) -> str:
+        """JSON for robomimic's ``data.attrs["env_args"]``."""
+        kwargs = {k: v for k, v in self._make_kwargs.items() if k not in ("env_name", "seed")}
+        return json.dumps({"env_name": self._make_kwargs["env_name"], "type": 1, "env_kwargs": kwargs,
+                           "parapolicy_task": self.spec_task.name})
+
+    def _obs(self) -> np.ndarray:
+        return flatten_obs(self._raw_obs, self.spec_task.obs_keys)
+
+
+def make_env(task: str = "square", **kwargs) -> RobosuiteEnv:
+    return RobosuiteEnv(task=task, **kwargs)
+
+
+GYM_IDS = {name: f"parapolicy/{name.capitalize()}-v0" for name in TASKS}
+
+
+def register_envs() -> None:
+    """Register ``parapolicy/Square-v0``, ``parapolicy/Lift-v0``, ``parapolicy/Can-v0``."""
+    for name, env_id in GYM_IDS.items():
+        if env_id not in gym.registry:
+            gym.register(id=env_id, entry_point="parapolicy.envs.robosuite_env:RobosuiteEnv",
+                         kwargs={"task": name}, disable_env_checker=True)
