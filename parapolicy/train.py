@@ -54,10 +54,15 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def cosine_lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Linear warm-up then cosine decay to 0 (diffusers' get_cosine_schedule_with_warmup)."""
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str = "cosine") -> float:
+    """Linear warm-up, then cosine decay to 0 at ``total_steps`` (diffusers'
+    get_cosine_schedule_with_warmup) or, for ``schedule="constant"``, a constant rate."""
     if step < warmup_steps:
         return step / max(1, warmup_steps)
+    if schedule == "constant":
+        return 1.0
+    if schedule != "cosine":
+        raise ValueError(f"lr_scheduler must be 'cosine' or 'constant', got {schedule!r}")
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
 
@@ -215,9 +220,12 @@ def train(cfg: DictConfig) -> Path:
     dataset_sha = file_sha256(dataset_path)
     step, loss_ema, elapsed_before = 0, None, 0.0
     if cfg.resume and (state_dir / "state.json").is_file():
+        saved_config = json.loads((state_dir / "state.json").read_text()).get("policy_config")
+        if saved_config != policy_config.to_dict():
+            changed = sorted(k for k in policy_config.to_dict() if (saved_config or {}).get(k) != getattr(policy_config, k))
+            raise ValueError(f"{state_dir}: saved policy config differs from this run's in {changed}; "
+                             "use resume=false or another out")
         meta = load_training_state(state_dir, policy, ema, optimizer, generator)
-        if meta.get("policy_config") != policy_config.to_dict():
-            raise ValueError(f"{state_dir}: saved policy config differs from this run's; use resume=false or another out")
         if meta.get("dataset_sha256") != dataset_sha:
             print(f"warning: {dataset_path} changed since the training state was written")
         step, loss_ema, elapsed_before = int(meta["step"]), meta.get("loss_ema"), float(meta.get("elapsed_s", 0.0))
@@ -272,7 +280,7 @@ def train(cfg: DictConfig) -> Path:
     bar = tqdm(total=cfg.iters, initial=step, dynamic_ncols=True, disable=not cfg.progress_bar)
     loss_value = None
     while step < cfg.iters:
-        lr = cfg.lr * cosine_lr_factor(step, cfg.warmup_steps, cfg.iters)
+        lr = cfg.lr * lr_factor(step, cfg.warmup_steps, cfg.iters, cfg.lr_scheduler)
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = {k: v.to(device, non_blocking=True) for k, v in train_set.sample(cfg.batch_size, generator).items()}
