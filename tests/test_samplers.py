@@ -26,6 +26,8 @@ CASES = {
     "dpmsolver-policy": ("dpmsolver", POLICY, 15, {}),
     "dpmsolver3-clip-policy": ("dpmsolver", POLICY, 15, {"solver_order": 3, "scheduler_kwargs": CLIP}),
     "ddpm-linear": ("ddpm", LINEAR, 50, {}),
+    # uneven strides between timesteps: the previous timestep must be the next entry, not t - stride
+    "ddpm-linear-linspace": ("ddpm", LINEAR, 30, {"scheduler_kwargs": {"timestep_spacing": "linspace"}}),
     "ddim-linear-final-alpha": ("ddim", LINEAR, 20, {"scheduler_kwargs": {"set_alpha_to_one": False}}),
     "ddim-eta-linear": ("ddim", LINEAR, 20, {"eta": 0.7, "scheduler_kwargs": {"set_alpha_to_one": False}}),
     "dpmsolver3-linear": ("dpmsolver", LINEAR, 10, {"solver_order": 3}),
@@ -330,6 +332,43 @@ def test_deadline_stops_after_one_round():
     assert torch.equal(out.sample, out.trajectory[-1])
     _, relaxed = pair("ddpm-policy", deadline_ms=1e9)
     assert relaxed.sample(analytic_denoiser(POLICY), x_T, noise=noise).converged
+
+
+def test_last_step_input_must_be_exact():
+    """The last step adds no noise (tolerance variance 0): with an enormous tolerance everything else
+    passes at once, but the window still has to stop at the last step's input for one more round."""
+    _, parallel = pair("ddim-policy", tolerance=1e6)
+    assert parallel.tolerance_variance[-1] == 0 and (parallel.tolerance_variance[:-1] > 0).all()
+    x_T, _ = inputs(15)
+    out = parallel.sample(analytic_denoiser(POLICY), x_T)
+    assert out.rounds == 2 and out.model_evals == 15 + 1 and out.converged
+
+
+def test_points_entering_the_window_start_from_its_last_point():
+    """ParaDiGMS: the window starts as copies of x_T; when it slides, entering points start as copies
+    of the last point just computed (x_16 after round one). A warm start keeps its own guesses."""
+    _, one_round = pair("ddpm-policy", max_rounds=1)
+    denoise = analytic_denoiser(POLICY)
+    x_T, noise = inputs(100)
+    trajectory = one_round.sample(denoise, x_T, noise=noise).trajectory
+    assert not torch.equal(trajectory[16], x_T)
+    assert torch.equal(trajectory[17], trajectory[16]) and torch.equal(trajectory[-1], x_T)
+
+    init = torch.randn(101, *x_T.shape, dtype=x_T.dtype)
+    trajectory = one_round.sample(denoise, x_T, noise=noise, init=init).trajectory
+    assert torch.equal(trajectory[17:], init[17:])
+
+
+def test_batch_advances_by_its_worst_sample():
+    """A sample that barely moves (mu = 0 makes the dynamics linear, and it is scaled by 1e-6) does
+    not let the batch advance sooner than its hard sample alone would."""
+    _, parallel = pair("ddim-policy")
+    denoise = analytic_denoiser(POLICY, mean=0.0)
+    x_T, _ = inputs(15, batch=1)
+    alone = parallel.sample(denoise, x_T)
+    both = parallel.sample(denoise, torch.cat([x_T, 1e-6 * x_T]))
+    assert both.rounds == alone.rounds > 2
+    assert rel_err(both.sample[:1], alone.sample) < 1e-12
 
 
 # --------------------------------------------------------------------------- batching, warm starts
