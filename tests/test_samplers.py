@@ -115,16 +115,21 @@ def pair(case, **parallel_options):
 
 
 # ---------------------------------------------------------------------------------------------- API
-def test_registry_and_attributes():
+@pytest.mark.parametrize("steps", [1, 10])
+def test_registry_and_attributes(steps):
     assert {"ddpm", "ddim", "dpmsolver", "paraddpm", "paraddim", "paradpmsolver"} <= set(SAMPLERS)
+    x_T, _ = inputs(steps)
     for name, cls in SAMPLERS.items():
-        sampler = make_sampler(name, POLICY, 10)
+        sampler = make_sampler(name, POLICY, steps)
         assert sampler.name == name and cls.name == name
         assert sampler.is_parallel == name.startswith("para")
-        assert sampler.num_inference_steps == 10
-        assert sampler.timesteps.dtype == torch.long and sampler.timesteps.shape == (10,)
+        assert sampler.is_stochastic == (name.endswith("ddpm") and steps > 1)
+        assert sampler.num_inference_steps == steps
+        assert sampler.timesteps.dtype == torch.long and sampler.timesteps.shape == (steps,)
         assert torch.all(sampler.timesteps[:-1] > sampler.timesteps[1:])
         assert sampler.noise_std[-1] == 0
+        out = sampler.sample(analytic_denoiser(POLICY), x_T, generator=torch.Generator().manual_seed(0))
+        assert out.converged and out.sample.shape == x_T.shape and out.trajectory.shape == (steps + 1, *x_T.shape)
 
 
 @pytest.mark.parametrize(

@@ -89,6 +89,8 @@ class Sampler:
         self.num_inference_steps = len(self.timesteps)
         self._tables: dict[str, torch.Tensor] = self._build_tables()
         self._cache: dict = {}
+        # Whether any step adds noise (DDPM, DDIM with eta > 0); if not, no noise is drawn.
+        self.is_stochastic = bool((self.noise_std > 0).any())
 
     # ------------------------------------------------------------------ tables
     def _build_tables(self) -> dict[str, torch.Tensor]:
@@ -108,10 +110,6 @@ class Sampler:
         step, usually): a point entering it must be exact, i.e. unchanged.
         """
         return self._tables["tolerance_variance"]
-
-    @property
-    def is_stochastic(self) -> bool:
-        return bool((self.noise_std > 0).any())
 
     def table(self, name: str, device, dtype) -> torch.Tensor:
         """Table ``name`` (``[N]``) on ``device`` in ``dtype``, cached: no host->device copy per round."""

@@ -69,7 +69,7 @@ class DDPMSampler(Sampler):
         out = self.scheduler.step(model_output, int(self.timesteps[step]), x, generator=self._scratch_generator(x))
         tables = self._tables  # float32 0-dim scalars, exactly as the scheduler multiplies them
         mean = tables["coef_x0"][step] * out.pred_original_sample + tables["coef_x"][step] * x
-        return mean + tables["noise_std"][step] * unit_noise
+        return mean if unit_noise is None else mean + tables["noise_std"][step] * unit_noise
 
     def _scratch_generator(self, x: torch.Tensor) -> torch.Generator:
         key = ("scratch_generator", x.device)
