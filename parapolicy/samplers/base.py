@@ -106,8 +106,9 @@ class Sampler:
         """``[N]``: variance that scales the convergence error of the point leaving step i.
 
         The DDPM posterior variance between step i's timestep and the one it steps to, for every solver
-        (ParaDiGMS's convention, ODE solvers included). 0 where the step adds no noise at all (the last
-        step, usually): a point entering it must be exact, i.e. unchanged.
+        (ParaDiGMS's convention, ODE solvers included). It is 0 where the step lands on alpha_bar = 1
+        (the last step, unless DDIM has ``set_alpha_to_one=False``): a point entering it must be
+        exact, i.e. unchanged.
         """
         return self._tables["tolerance_variance"]
 
@@ -138,8 +139,9 @@ class Sampler:
         history: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Batched deterministic part of the steps: ``x`` ``[K, B, *event]`` at step indices ``steps``
-        ``[K]`` (positions in ``timesteps``, not timesteps) with their model outputs -> ``[K, B, *event]``,
-        the next points without noise. Points may be at any steps; multistep solvers also need ``history``.
+        (LongTensor ``[K]`` on ``x``'s device; positions in ``timesteps``, not timesteps) with their model
+        outputs -> ``[K, B, *event]``, the next points without noise. Computed in ``x``'s dtype.
+        Points may be at any steps; multistep solvers also need ``history``.
         """
         raise NotImplementedError
 
