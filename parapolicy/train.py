@@ -216,7 +216,7 @@ def train(cfg: DictConfig) -> Path:
                                   weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
 
-    n_params = sum(p.numel() for p in policy.model.parameters())
+    n_params = sum(param.numel() for param in policy.model.parameters())
     dataset_sha = file_sha256(dataset_path)
     step, loss_ema, elapsed_before = 0, None, 0.0
     if cfg.resume and (state_dir / "state.json").is_file():
@@ -242,7 +242,7 @@ def train(cfg: DictConfig) -> Path:
         import wandb
 
         run = wandb.init(project=cfg.wandb.project, name=cfg.wandb.get("name"), mode=cfg.wandb.mode,
-                         config=OmegaConf.to_container(cfg, resolve=True), dir=str(out_dir))
+                         config=OmegaConf.to_container(cfg, resolve=True))
 
     def checkpoint(step: int, last_loss: float | None) -> None:
         elapsed = elapsed_before + time.time() - start_time
