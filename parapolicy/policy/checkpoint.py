@@ -203,9 +203,8 @@ def load_policy(
     policy = load_checkpoint(resolve_checkpoint(name_or_path), device=device)
     if sampler is not None or sampler_options:
         steps = sampler_options.pop("num_inference_steps", None)
-        name = sampler or policy.sampler_name
-        options = sampler_options if sampler is not None and sampler != policy.sampler_name else {
-            **policy.sampler_options, **sampler_options
-        }
-        policy.set_sampler(name, steps, **options)
+        if sampler is None or sampler == policy.sampler_name:
+            # Same sampler: the given options refine the checkpoint's defaults.
+            sampler, sampler_options = policy.sampler_name, {**policy.sampler_options, **sampler_options}
+        policy.set_sampler(sampler, steps, **sampler_options)
     return policy
