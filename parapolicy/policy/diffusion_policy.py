@@ -43,6 +43,7 @@ class DiffusionPolicy(nn.Module):
             self.noise_scheduler = DDPMScheduler.from_config(dict(scheduler_config))
         self._sampler_spec = (config.sampler, config.num_inference_steps, dict(config.sampler_options))
         self._sampler = None  # built lazily: training never needs parapolicy.samplers
+        self.fast_path: Any = "auto"  # parapolicy.accel: "auto" (on for CUDA), None (off) or a FastPath
         self.last_info: dict[str, Any] = {}
         self.reset()
 
@@ -88,6 +89,13 @@ class DiffusionPolicy(nn.Module):
         except Exception:
             self._sampler_spec, self._sampler = previous
             raise
+        return self
+
+    def enable_fast_path(self, enabled: bool | str = True, **options: Any) -> "DiffusionPolicy":
+        """Denoiser fast path (static shapes, CUDA graphs, autocast): see ``parapolicy.accel.FastPath``."""
+        from parapolicy.accel import make_fast_path
+
+        self.fast_path = make_fast_path(enabled, **options)
         return self
 
     # ------------------------------------------------------------------ training
@@ -188,7 +196,12 @@ class DiffusionPolicy(nn.Module):
         if noise is not None:
             noise = noise.to(self.device, torch.float32)
 
-        out = self.sampler.sample(self.make_denoise_fn(global_cond), x_T, noise=noise, generator=generator, init=init)
+        denoise = self.make_denoise_fn(global_cond)
+        if self.fast_path is not None:
+            from parapolicy.accel import apply_fast_path
+
+            denoise = apply_fast_path(self, denoise, global_cond)
+        out = self.sampler.sample(denoise, x_T, noise=noise, generator=generator, init=init)
         action_pred = self.normalizer.action.unnormalize(out.sample)
         start = cfg.action_start
         return {
