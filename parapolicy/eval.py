@@ -1,0 +1,229 @@
+"""Closed-loop evaluation: task success and per-call latency, parallel sampler vs sequential baseline.
+
+    python -m parapolicy.eval env=square                          # paraddpm vs ddpm, shipped checkpoint
+    python -m parapolicy.eval sampler=paraddim baseline=ddim n_episodes=50
+    python -m parapolicy.eval -m sampler=ddpm,paraddpm sampler.tolerance=0.01,0.1
+
+Both runs use the same episode seeds (``seed``, ``seed + 1``, ...) and the same per-call noise.
+Writes ``episodes.jsonl`` (a line per finished episode; ``resume=true`` continues an interrupted run),
+``summary.json``, ``latency.png`` into Hydra's run directory and prints a table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import resources
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SAMPLER_KEYS = ("name", "num_inference_steps")
+
+
+def available_samplers() -> list[str]:
+    folder = resources.files("parapolicy.conf") / "sampler"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def sampler_config(name: str) -> DictConfig:
+    """The config of ``conf/sampler/<name>.yaml`` (used for ``baseline=<name>``)."""
+    known = available_samplers()
+    if name not in known:
+        raise ValueError(f"unknown baseline sampler {name!r}; known: {', '.join(known)}")
+    return OmegaConf.load(str(resources.files("parapolicy.conf") / "sampler" / f"{name}.yaml"))
+
+
+def sampler_kwargs(cfg: DictConfig) -> tuple[str, int, dict]:
+    """(name, num_inference_steps, options) from a sampler config; null options mean 'default'."""
+    options = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
+               if k not in SAMPLER_KEYS and v is not None}
+    return str(cfg.name), int(cfg.num_inference_steps), options
+
+
+def resolve_checkpoint(path: str) -> Path:
+    """A checkpoint folder: as given (relative to the working directory), else relative to the repo."""
+    candidates = [Path(path), REPO_ROOT / path]
+    for candidate in candidates:
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise FileNotFoundError(f"checkpoint {path!r} not found (looked for config.json in "
+                            f"{', '.join(str(c) for c in candidates)}); train one with "
+                            f"`python -m parapolicy.train env=...` or pass checkpoint=<folder>")
+
+
+def validate(cfg: DictConfig) -> tuple[Path, DictConfig | None]:
+    """Fail on bad values before any simulator starts."""
+    from parapolicy.envs.robosuite_env import get_task
+
+    get_task(cfg.env.name)
+    if int(cfg.n_episodes) < 1:
+        raise ValueError(f"n_episodes must be >= 1, got {cfg.n_episodes}")
+    if int(cfg.n_envs) < 1:
+        raise ValueError(f"n_envs must be >= 1, got {cfg.n_envs}")
+    if cfg.max_episode_steps is not None and int(cfg.max_episode_steps) < 1:
+        raise ValueError(f"max_episode_steps must be >= 1, got {cfg.max_episode_steps}")
+    baseline = None if cfg.baseline in (None, "null", "none") else sampler_config(str(cfg.baseline))
+    return resolve_checkpoint(str(cfg.checkpoint)), baseline
+
+
+def pick_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def read_episodes(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    episodes = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                episodes.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by an interruption: that episode reruns
+                continue
+    return episodes
+
+
+def summarize(episodes: list[dict], labels: list[str], baseline_label: str | None) -> dict:
+    from parapolicy.metrics import summarize_run
+
+    runs = {}
+    for label in labels:
+        mine = sorted((ep for ep in episodes if ep["run"] == label), key=lambda ep: ep["episode"])
+        if mine:
+            runs[label] = summarize_run(mine)
+    speedup = None
+    if baseline_label and baseline_label in runs and labels[0] in runs:
+        speedup = runs[baseline_label]["latency_ms"]["p50"] / runs[labels[0]]["latency_ms"]["p50"]
+    return {"runs": runs, "speedup_p50": speedup}
+
+
+def run_eval(cfg: DictConfig, out_dir: Path) -> dict:
+    """The whole evaluation; returns the summary dict (also written to ``out_dir/summary.json``)."""
+    import torch
+    from tqdm import tqdm
+
+    from parapolicy.metrics import format_table, plot_latency
+    from parapolicy.policy import load_policy
+    from parapolicy.runner import PolicyRunner, make_vector_env, with_sampler
+
+    checkpoint, baseline_cfg = validate(cfg)
+    if cfg.torch_threads:
+        torch.set_num_threads(int(cfg.torch_threads))
+    device = pick_device(str(cfg.device))
+    name, steps, options = sampler_kwargs(cfg.sampler)
+    policy = load_policy(str(checkpoint), sampler=name, device=str(device), num_inference_steps=steps, **options)
+    if policy.config.obs_dim != _task_obs_dim(cfg.env.name):
+        raise ValueError(f"checkpoint {checkpoint} expects obs_dim={policy.config.obs_dim}, env "
+                         f"{cfg.env.name!r} gives {_task_obs_dim(cfg.env.name)}: wrong checkpoint for this env?")
+
+    runs = {name: policy}
+    baseline_label = None
+    if baseline_cfg is not None:
+        b_name, _, b_options = sampler_kwargs(baseline_cfg)
+        baseline_label = b_name if b_name != name else f"{b_name}-baseline"
+        # the baseline runs the sampler's schedule length, so the comparison is like for like
+        runs[baseline_label] = with_sampler(policy, b_name, steps, **b_options)
+    shadow = runs[baseline_label] if cfg.shadow and baseline_label else None
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_path = out_dir / "episodes.jsonl"
+    episodes = read_episodes(log_path) if cfg.resume else []
+    if not cfg.resume and log_path.exists():
+        log_path.unlink()
+    done = {(ep["run"], ep["episode"]) for ep in episodes}
+
+    n_episodes, n_envs = int(cfg.n_episodes), int(cfg.n_envs)
+    total = n_episodes * len(runs)
+    bar = tqdm(total=total, initial=len(done & {(r, e) for r in runs for e in range(n_episodes)}),
+               desc=f"eval {cfg.env.name}", unit="ep", disable=not cfg.progress_bar)
+    envs = make_vector_env(cfg.env.name, n_envs, cfg.max_episode_steps)
+    try:
+        with log_path.open("a") as log:
+            for first in range(0, n_episodes, n_envs):
+                batch = list(range(first, min(first + n_envs, n_episodes)))
+                for label, run_policy in runs.items():  # interleaved, so machine drift hits both alike
+                    todo = [e for e in batch if (label, e) not in done]
+                    if not todo:
+                        continue
+                    runner = PolicyRunner(envs, run_policy, shadow=shadow if label == name else None)
+
+                    def record(i, rec, label=label, todo=todo):
+                        line = {"run": label, "episode": todo[i], **rec}
+                        log.write(json.dumps(line) + "\n")
+                        log.flush()
+                        episodes.append(line)
+                        bar.update(1)
+
+                    runner.run_batch([int(cfg.seed) + e for e in todo], on_episode=record)
+                    bar.set_postfix({lbl: f"{sum(ep['success'] for ep in episodes if ep['run'] == lbl)}"
+                                     f"/{sum(ep['run'] == lbl for ep in episodes)}" for lbl in runs})
+    finally:
+        bar.close()
+        envs.close()
+
+    summary = {"env": cfg.env.name, "checkpoint": str(checkpoint), "device": _device_name(device),
+               "sampler": OmegaConf.to_container(cfg.sampler, resolve=True),
+               "baseline": None if baseline_cfg is None else baseline_label,
+               "seed": int(cfg.seed), "n_envs": n_envs,
+               **summarize(episodes, list(runs), baseline_label)}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    latencies = {label: [c["latency_ms"] for ep in episodes if ep["run"] == label for c in ep["calls"]]
+                 for label in runs}
+    plot_latency(latencies, out_dir / "latency.png")
+    print(f"\n{cfg.env.name}: {n_episodes} episodes per sampler, seeds {cfg.seed}..{int(cfg.seed) + n_episodes - 1}, "
+          f"device {summary['device']}, batch {n_envs}")
+    print(format_table(summary["runs"], summary["speedup_p50"]))
+    print(f"results: {out_dir}")
+    _log_wandb(cfg, summary, latencies, out_dir)
+    return summary
+
+
+def _task_obs_dim(task: str) -> int:
+    from parapolicy.envs.robosuite_env import get_task
+
+    return get_task(task).obs_dim
+
+
+def _device_name(device) -> str:
+    import platform
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _log_wandb(cfg: DictConfig, summary: dict, latencies: dict, out_dir: Path) -> None:
+    mode = str(cfg.wandb.mode)
+    if mode == "disabled":
+        return
+    import wandb
+
+    run = wandb.init(mode=mode, project=cfg.wandb.project, name=cfg.wandb.name, dir=str(out_dir),
+                     config=OmegaConf.to_container(cfg, resolve=True))
+    for label, run_summary in summary["runs"].items():
+        run.summary[label] = run_summary
+        run.log({f"{label}/latency_ms": wandb.Histogram(latencies[label])})
+    run.summary["speedup_p50"] = summary["speedup_p50"]
+    run.log({"latency": wandb.Image(str(out_dir / "latency.png"))})
+    run.finish()
+
+
+@hydra.main(version_base=None, config_path="pkg://parapolicy.conf", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    run_eval(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    main()

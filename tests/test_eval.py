@@ -1,0 +1,138 @@
+"""Closed-loop evaluation CLI on a tiny random Lift checkpoint (short episodes)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from parapolicy.metrics import summarize_run, wilson_interval
+
+LIFT_KEYS = ["object", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos"]
+FAST = ["env=lift", "sampler.num_inference_steps=8", "max_episode_steps=12", "progress_bar=false",
+        "torch_threads=1"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    import torch
+
+    from parapolicy.policy import DiffusionPolicy, save_checkpoint
+    from policy_synthetic import tiny_config
+
+    torch.manual_seed(0)
+    policy = DiffusionPolicy(tiny_config(obs_dim=19, obs_keys=LIFT_KEYS, env="lift"))
+    policy.normalizer.obs.set_stats(-torch.ones(19), torch.ones(19) * 2)
+    policy.normalizer.action.set_stats(-torch.ones(7), torch.ones(7))
+    return save_checkpoint(policy, tmp_path_factory.mktemp("ckpt") / "lift")
+
+
+def run_eval(*args, multirun=False, timeout=600):
+    cmd = [sys.executable, "-m", "parapolicy.eval", *(["-m"] if multirun else []), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def read_lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_wilson_interval_reference_values():
+    lo, hi = wilson_interval(5, 10)
+    assert (round(lo, 4), round(hi, 4)) == (0.2366, 0.7634)
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0.0 and round(hi, 4) == 0.2775
+    lo, hi = wilson_interval(50, 50)
+    assert round(lo, 4) == 0.9287 and hi == 1.0
+
+
+def test_summary_of_episodes():
+    episodes = [
+        {"success": True, "length": 10, "wall_s": 1.0, "calls": [{"latency_ms": 10.0, "rounds": 4, "model_evals": 20}]},
+        {"success": False, "length": 30, "wall_s": 3.0, "error": "boom",
+         "calls": [{"latency_ms": 30.0, "rounds": 6, "model_evals": 40, "converged": False}]},
+    ]
+    summary = summarize_run(episodes)
+    assert summary["success_rate"] == 0.5 and summary["n_errors"] == 1
+    assert summary["latency_ms"]["p50"] == 20.0 and summary["rounds_mean"] == 5.0
+    assert summary["control_hz"] == 10.0 and summary["unconverged_calls"] == 1
+
+
+def test_closed_loop_run_writes_summary_and_episodes(checkpoint, tmp_path):
+    out = tmp_path / "run"
+    proc = run_eval(*FAST, f"checkpoint={checkpoint}", "n_episodes=2", "shadow=true", f"hydra.run.dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "p50 latency speedup over baseline" in proc.stdout and "paraddpm" in proc.stdout
+
+    episodes = read_lines(out / "episodes.jsonl")
+    assert sorted((ep["run"], ep["episode"]) for ep in episodes) == [
+        ("ddpm", 0), ("ddpm", 1), ("paraddpm", 0), ("paraddpm", 1)]
+    for ep in episodes:
+        assert ep["length"] == 12 and ep["seed"] == 100000 + ep["episode"]
+        assert len(ep["calls"]) == 2  # 12 steps / 8 actions per call
+        assert all(c["batch"] == 1 and c["latency_ms"] > 0 for c in ep["calls"])
+    seq = [c for ep in episodes if ep["run"] == "ddpm" for c in ep["calls"]]
+    par = [c for ep in episodes if ep["run"] == "paraddpm" for c in ep["calls"]]
+    assert all(c["rounds"] == 8 and c["model_evals"] == 8 for c in seq)
+    assert all(1 <= c["rounds"] <= 8 for c in par)
+    assert all("shadow_deviation" in c and c["shadow_deviation"] >= 0 for c in par)
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["env"] == "lift" and summary["baseline"] == "ddpm"
+    assert set(summary["runs"]) == {"paraddpm", "ddpm"}
+    for run in summary["runs"].values():
+        assert run["n_episodes"] == 2 and set(run["latency_ms"]) == {"mean", "p50", "p95", "p99"}
+        lo, hi = run["success_ci95"]
+        assert 0.0 <= lo <= run["success_rate"] <= hi <= 1.0
+        assert run["control_hz"] > 0
+    assert summary["speedup_p50"] == pytest.approx(
+        summary["runs"]["ddpm"]["latency_ms"]["p50"] / summary["runs"]["paraddpm"]["latency_ms"]["p50"])
+    assert "shadow" in summary["runs"]["paraddpm"]
+    assert (out / "latency.png").stat().st_size > 1000
+
+
+def test_resume_continues_an_interrupted_run(checkpoint, tmp_path):
+    out = tmp_path / "run"
+    args = [*FAST, f"checkpoint={checkpoint}", "n_episodes=2", "baseline=null", f"hydra.run.dir={out}"]
+    assert run_eval(*args).returncode == 0
+    log = out / "episodes.jsonl"
+    first = read_lines(log)[0]
+    # an interruption: the second episode never finished and its line was cut mid-write
+    log.write_text(json.dumps(first) + "\n" + '{"run": "paraddpm", "epis')
+    proc = run_eval(*args, "resume=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    episodes = read_lines(out / "episodes.jsonl")
+    assert [ep["episode"] for ep in episodes] == [0, 1]
+    assert episodes[0] == first  # kept, not re-run
+    assert json.loads((out / "summary.json").read_text())["runs"]["paraddpm"]["n_episodes"] == 2
+
+
+def test_multirun_over_two_samplers_and_report(checkpoint, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_eval(*FAST, f"checkpoint={checkpoint}", "n_episodes=1", "baseline=null", "sampler=ddpm,paraddpm",
+                    f"hydra.sweep.dir={sweep}", multirun=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summaries = sorted(sweep.glob("*/summary.json"))
+    assert len(summaries) == 2
+    names = {next(iter(json.loads(p.read_text())["runs"])) for p in summaries}
+    assert names == {"ddpm", "paraddpm"}
+
+    report = subprocess.run([sys.executable, "-m", "parapolicy.report", str(sweep)], capture_output=True,
+                            text=True, timeout=120)
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert "ddpm" in report.stdout and "paraddpm" in report.stdout
+    assert (sweep / "report.png").exists() and (sweep / "report.json").exists()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("env=nope", "Could not find 'env/nope'"),
+    ("sampler=nope", "Could not find 'sampler/nope'"),
+    ("baseline=nope", "unknown baseline sampler 'nope'"),
+    ("n_episodes=0", "n_episodes must be >= 1"),
+    ("checkpoint=/nonexistent/ckpt", "checkpoint '/nonexistent/ckpt' not found"),
+])
+def test_bad_config_fails_before_any_env_starts(override, message, tmp_path):
+    proc = run_eval("env=lift", "checkpoint=checkpoints/lift", override, f"hydra.run.dir={tmp_path}",
+                    timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-2000:]
+    assert "Loading controller configuration" not in proc.stderr  # robosuite never started
