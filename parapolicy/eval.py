@@ -65,8 +65,21 @@ def validate(cfg: DictConfig) -> tuple[Path, DictConfig | None]:
         raise ValueError(f"n_envs must be >= 1, got {cfg.n_envs}")
     if cfg.max_episode_steps is not None and int(cfg.max_episode_steps) < 1:
         raise ValueError(f"max_episode_steps must be >= 1, got {cfg.max_episode_steps}")
-    baseline = None if cfg.baseline in (None, "null", "none") else sampler_config(str(cfg.baseline))
-    return resolve_checkpoint(str(cfg.checkpoint)), baseline
+    baselines = [sampler_config(str(name)) for name in baseline_names(cfg.baseline)]
+    return resolve_checkpoint(str(cfg.checkpoint)), baselines
+
+
+def baseline_names(value) -> list[str]:
+    """``baseline``: a sampler name, a list of them, or null."""
+    if value in (None, "null", "none"):
+        return []
+    if isinstance(value, str):
+        return [value]
+    return [str(v) for v in value]
+
+
+def run_label(name: str, options: dict) -> str:
+    return f"{name}+warm" if options.get("warm_start") else name
 
 
 def pick_device(name: str):
@@ -113,7 +126,7 @@ def run_eval(cfg: DictConfig, out_dir: Path) -> dict:
     from parapolicy.policy import load_policy
     from parapolicy.runner import PolicyRunner, make_vector_env, with_sampler
 
-    checkpoint, baseline_cfg = validate(cfg)
+    checkpoint, baseline_cfgs = validate(cfg)
     if cfg.torch_threads:
         torch.set_num_threads(int(cfg.torch_threads))
     device = pick_device(str(cfg.device))
@@ -123,13 +136,16 @@ def run_eval(cfg: DictConfig, out_dir: Path) -> dict:
         raise ValueError(f"checkpoint {checkpoint} expects obs_dim={policy.config.obs_dim}, env "
                          f"{cfg.env.name!r} gives {_task_obs_dim(cfg.env.name)}: wrong checkpoint for this env?")
 
-    runs = {name: policy}
-    baseline_label = None
-    if baseline_cfg is not None:
-        b_name, _, b_options = sampler_kwargs(baseline_cfg)
-        baseline_label = b_name if b_name != name else f"{b_name}-baseline"
-        # the baseline runs the sampler's schedule length, so the comparison is like for like
-        runs[baseline_label] = with_sampler(policy, b_name, steps, **b_options)
+    label = run_label(name, options)
+    runs = {label: policy}
+    for b_cfg in baseline_cfgs:
+        b_name, _, b_options = sampler_kwargs(b_cfg)
+        b_label = run_label(b_name, b_options)
+        if b_label in runs:
+            b_label += "-baseline"
+        # baselines run the sampler's schedule length, so the comparison is like for like
+        runs[b_label] = with_sampler(policy, b_name, steps, **b_options)
+    baseline_label = list(runs)[1] if len(runs) > 1 else None  # the speedup is against the first baseline
     shadow = runs[baseline_label] if cfg.shadow and baseline_label else None
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -148,13 +164,13 @@ def run_eval(cfg: DictConfig, out_dir: Path) -> dict:
         with log_path.open("a") as log:
             for first in range(0, n_episodes, n_envs):
                 batch = list(range(first, min(first + n_envs, n_episodes)))
-                for label, run_policy in runs.items():  # interleaved, so machine drift hits both alike
-                    todo = [e for e in batch if (label, e) not in done]
+                for run_label_, run_policy in runs.items():  # interleaved, so machine drift hits all alike
+                    todo = [e for e in batch if (run_label_, e) not in done]
                     if not todo:
                         continue
-                    runner = PolicyRunner(envs, run_policy, shadow=shadow if label == name else None)
+                    runner = PolicyRunner(envs, run_policy, shadow=shadow if run_label_ == label else None)
 
-                    def record(i, rec, label=label, todo=todo):
+                    def record(i, rec, label=run_label_, todo=todo):
                         line = {"run": label, "episode": todo[i], **rec}
                         log.write(json.dumps(line) + "\n")
                         log.flush()
@@ -169,8 +185,8 @@ def run_eval(cfg: DictConfig, out_dir: Path) -> dict:
         envs.close()
 
     summary = {"env": cfg.env.name, "checkpoint": str(checkpoint), "device": _device_name(device),
-               "sampler": OmegaConf.to_container(cfg.sampler, resolve=True),
-               "baseline": None if baseline_cfg is None else baseline_label,
+               "sampler": OmegaConf.to_container(cfg.sampler, resolve=True), "sampler_label": label,
+               "baseline": baseline_label, "baselines": list(runs)[1:],
                "seed": int(cfg.seed), "n_envs": n_envs,
                **summarize(episodes, list(runs), baseline_label)}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))

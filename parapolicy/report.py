@@ -21,7 +21,7 @@ def collect_rows(folder: Path) -> list[dict]:
         summary = json.loads(path.read_text())
         sampler_cfg = summary.get("sampler") or {}
         for label, run in summary["runs"].items():
-            is_sampler = label == sampler_cfg.get("name")
+            is_sampler = label == summary.get("sampler_label", sampler_cfg.get("name"))
             rows.append({
                 "dir": str(path.parent.relative_to(folder)) or ".",
                 "env": summary.get("env"),

@@ -64,11 +64,11 @@ class PolicyRunner:
                 noise.append(torch.randn((sampler.num_inference_steps, 1, cfg.horizon, cfg.action_dim), generator=gen))
         return torch.cat(x_T), (torch.cat(noise, dim=1) if noise else None)
 
-    def _timed_plan(self, policy, history, x_T, noise):
+    def _timed_plan(self, policy, history, x_T, noise, warm_from=None):
         device = policy.device
         _sync(device)
         start = time.perf_counter()
-        plan = policy.predict_action(history, x_T=x_T, noise=noise)
+        plan = policy.predict_action(history, x_T=x_T, noise=noise, warm_from=warm_from)
         _sync(device)
         return plan, (time.perf_counter() - start) * 1e3
 
@@ -85,6 +85,7 @@ class PolicyRunner:
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
         records = [{"seed": int(s), "success": False, "length": 0, "reward": 0.0, "error": None, "calls": []}
                    for s in seeds]
+        previous: list[torch.Tensor | None] = [None] * n  # last clean sample per env, for warm starts
         active = np.zeros(self.n_envs, dtype=bool)
         active[:n] = True
         started = time.perf_counter()
@@ -100,8 +101,11 @@ class PolicyRunner:
             idx = np.flatnonzero(active)
             obs_history = torch.from_numpy(np.stack([np.stack(history[i]) for i in idx]))
             x_T, noise = self._draw_noise([generators[i] for i in idx])
+            warm_from = None
+            if self.policy.warm_start and all(previous[i] is not None for i in idx):
+                warm_from = torch.cat([previous[i] for i in idx])
             try:
-                plan, latency_ms = self._timed_plan(self.policy, obs_history, x_T, noise)
+                plan, latency_ms = self._timed_plan(self.policy, obs_history, x_T, noise, warm_from)
                 call = {"latency_ms": latency_ms, "batch": int(len(idx)), "rounds": int(plan["rounds"]),
                         "model_evals": int(plan["model_evals"]), "converged": bool(plan["converged"])}
                 actions = plan["action"].float().cpu().numpy()
@@ -113,7 +117,8 @@ class PolicyRunner:
                     finish(i, f"policy: {type(err).__name__}: {err}")
                 break
             for row, i in enumerate(idx):
-                entry = dict(call)
+                previous[i] = plan["sample"][row : row + 1]
+                entry = dict(call, warm=warm_from is not None)
                 if self.shadow is not None:
                     entry.update(shadow_latency_ms=shadow_ms, shadow_deviation=float(deviation[row]))
                 records[i]["calls"].append(entry)
@@ -141,5 +146,6 @@ class PolicyRunner:
 def with_sampler(policy, name: str, num_inference_steps: int | None = None, **options):
     """A copy of ``policy`` sharing its weights, with another sampler (for baselines and shadows)."""
     other = copy.copy(policy)  # shallow: same nn.Modules, own sampler attributes
+    options.setdefault("warm_start", False)  # never inherit the original's warm start
     other.set_sampler(name, num_inference_steps, **options)
     return other

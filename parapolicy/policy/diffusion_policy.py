@@ -45,6 +45,8 @@ class DiffusionPolicy(nn.Module):
         self._sampler = None  # built lazily: training never needs parapolicy.samplers
         self.fast_path: Any = "auto"  # parapolicy.accel: "auto" (on for CUDA), None (off) or a FastPath
         self.last_info: dict[str, Any] = {}
+        self.warm_start = False  # act(): warm-start parallel samplers from the previous call
+        self.warm_start_rule = "rollout"
         self.reset()
 
     # ------------------------------------------------------------------ configuration
@@ -78,9 +80,19 @@ class DiffusionPolicy(nn.Module):
         return self._sampler
 
     def set_sampler(self, name: str, num_inference_steps: int | None = None, **options: Any) -> "DiffusionPolicy":
-        """Swap the sampler (e.g. ``set_sampler("picard", window=8, tolerance=1e-3)``); built right away
-        so that a bad name or option fails here, not in the control loop."""
+        """Swap the sampler (e.g. ``set_sampler("paraddpm", window=8, tolerance=1e-3)``); built right away
+        so that a bad name or option fails here, not in the control loop.
+
+        ``warm_start=True`` makes ``act()`` start each parallel solve from the previous call's sample
+        (see ``predict_action(warm_from=...)``); ``warm_start_rule`` is "rollout" (default) or "marginal".
+        """
         steps = self.num_inference_steps if num_inference_steps is None else int(num_inference_steps)
+        # warm-start settings belong to the policy (it holds the previous call), not the sampler
+        warm_start = bool(options.pop("warm_start", self.warm_start))
+        warm_start_rule = str(options.pop("warm_start_rule", self.warm_start_rule))
+        if warm_start_rule not in ("rollout", "marginal"):
+            raise ValueError(f"warm_start_rule must be 'rollout' or 'marginal', got {warm_start_rule!r}")
+        self.warm_start, self.warm_start_rule = warm_start, warm_start_rule
         previous = (self._sampler_spec, self._sampler)
         self._sampler_spec = (name, steps, dict(options))
         self._sampler = None
@@ -168,17 +180,23 @@ class DiffusionPolicy(nn.Module):
         noise: torch.Tensor | None = None,
         x_T: torch.Tensor | None = None,
         init: torch.Tensor | None = None,
+        warm_from: torch.Tensor | None = None,
     ) -> dict[str, Any]:
         """Plan actions for a batch of observation histories.
 
         obs_history ``[B, n_obs_steps, obs_dim]`` (raw units). ``x_T`` ``[B, horizon, A]`` is the
         initial noise (drawn from ``generator`` if None); ``noise`` is passed to the sampler (the
         per-step DDPM noise, so different samplers can be compared on the same randomness); ``init``
-        is a parallel sampler's warm-start trajectory (e.g. a previous ``trajectory``).
+        is a parallel sampler's warm-start trajectory (e.g. a previous ``trajectory``). ``warm_from``
+        ``[B, horizon, A]`` is the previous call's normalised ``sample``: shifted left by
+        ``n_action_steps`` (the actions executed since, last action repeated) it becomes the guess of
+        the clean chunk, and ``init`` is built from it with ``warm_start_rule``. x_T and the noise stay
+        authoritative, so the converged result is unchanged (within the tolerance); only rounds drop.
 
         Returns ``action [B, n_action_steps, A]`` (the executed slice), ``action_pred [B, horizon, A]``
         in raw units, and the sampler's ``rounds``, ``model_evals``, ``converged``, ``errors``,
-        ``trajectory`` (normalised units, may be None).
+        ``trajectory`` (normalised units, may be None) and ``sample`` (the normalised chunk, what
+        ``warm_from`` takes next time).
         """
         cfg = self.config
         obs_history = self._check_obs_history(obs_history)
@@ -201,7 +219,13 @@ class DiffusionPolicy(nn.Module):
             from parapolicy.accel import apply_fast_path
 
             denoise = apply_fast_path(self, denoise, global_cond)
-        out = self.sampler.sample(denoise, x_T, noise=noise, generator=generator, init=init)
+        sampler = self.sampler
+        if warm_from is not None and init is None and sampler.is_parallel:
+            if sampler.is_stochastic and noise is None:  # the guess must see the noise the solve will use
+                noise = sampler.unit_noise(x_T, None, generator)
+            guess = shift_chunk(warm_from.to(self.device, torch.float32), cfg.n_action_steps)
+            init = sampler.guess_trajectory(x_T, guess, noise, rule=self.warm_start_rule)
+        out = sampler.sample(denoise, x_T, noise=noise, generator=generator, init=init)
         action_pred = self.normalizer.action.unnormalize(out.sample)
         start = cfg.action_start
         return {
@@ -212,6 +236,7 @@ class DiffusionPolicy(nn.Module):
             "converged": getattr(out, "converged", None),
             "errors": getattr(out, "errors", None),
             "trajectory": getattr(out, "trajectory", None),
+            "sample": out.sample,
         }
 
     # ------------------------------------------------------------------ control-loop API
@@ -219,6 +244,7 @@ class DiffusionPolicy(nn.Module):
         """Forget the observation history and queued actions (call at every episode start)."""
         self._obs_history: deque[np.ndarray] = deque(maxlen=self.config.n_obs_steps)
         self._action_queue: deque[np.ndarray] = deque()
+        self._previous_sample: torch.Tensor | None = None  # warm start never crosses episodes
 
     def _flat_obs(self, obs: Mapping[str, Any] | np.ndarray | torch.Tensor) -> np.ndarray:
         cfg = self.config
@@ -261,7 +287,10 @@ class DiffusionPolicy(nn.Module):
         info: dict[str, Any] = {"replanned": replanned, "rounds": 0, "model_evals": 0, "converged": None}
         if replanned:
             history = torch.from_numpy(np.stack(self._obs_history))[None]  # [1, n_obs_steps, obs_dim]
-            plan = self.predict_action(history)
+            warm_from = self._previous_sample if self.warm_start else None
+            plan = self.predict_action(history, warm_from=warm_from)
+            self._previous_sample = plan["sample"]
+            info["warm"] = warm_from is not None
             self._action_queue.extend(plan["action"][0].cpu().numpy())
             converged = plan["converged"]
             if torch.is_tensor(converged):
@@ -277,3 +306,12 @@ def _as_int(value: Any) -> Any:
     if torch.is_tensor(value):
         return int(value.max()) if value.numel() > 1 else int(value)
     return value
+
+
+def shift_chunk(chunk: torch.Tensor, shift: int) -> torch.Tensor:
+    """``[B, H, A]`` -> the same chunk ``shift`` steps later: drop the first ``shift`` actions (executed
+    since) and pad by repeating the last one."""
+    if not 0 <= shift < chunk.shape[1]:
+        raise ValueError(f"shift must be in [0, {chunk.shape[1]}), got {shift}")
+    pad = chunk[:, -1:].expand(-1, shift, -1)
+    return torch.cat([chunk[:, shift:], pad], dim=1)

@@ -16,7 +16,8 @@ Conventions (all samplers, sequential and parallel):
 A sampler for a new algorithm (SRDS, ParaTAA, ...) reuses, from the solver classes:
 ``step_no_noise`` (batched over trajectory points with different timesteps), ``noise_std`` /
 ``tolerance_variance`` (per-step tables), ``scaled_noise`` (draws / validates noise),
-``initial_trajectory`` (validates a warm start), ``new_history`` (multistep solvers) and ``coef``.
+``initial_trajectory`` (validates a warm start), ``new_history`` (multistep solvers), ``coef`` and
+``step_alphas_cumprod`` (noise levels, for steps between arbitrary timesteps).
 """
 
 from __future__ import annotations
@@ -124,6 +125,31 @@ class Sampler:
         values = self.table(name, like.device, like.dtype).index_select(0, steps)
         return values.view(-1, *([1] * (like.ndim - 1)))
 
+    def step_alphas_cumprod(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(alpha_from, alpha_to)``, float64 ``[N]`` each: alpha_bar at step i's timestep, and at the noise
+        level step i lands on, by the scheduler's own rules.
+
+        ``DDIMScheduler`` (the scheduler has ``final_alpha_cumprod``) steps a fixed stride,
+        t - num_train_timesteps // N, and ends on ``final_alpha_cumprod``; the others (DDPM; DPM-Solver
+        with ``final_sigmas_type="zero"``) step to the next entry of ``timesteps`` and end on alpha_bar = 1.
+        For samplers that step between arbitrary levels (SRDS's coarse step across a block, ParaTAA's
+        linear part of a step); the solvers' own tables stay the reference for their steps.
+        """
+        key = "step_alphas_cumprod"
+        if key not in self._cache:
+            scheduler = self.scheduler
+            alphas = scheduler.alphas_cumprod.to(torch.float64)
+            t = self.timesteps
+            if hasattr(scheduler, "final_alpha_cumprod"):
+                prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+                final = float(scheduler.final_alpha_cumprod)
+            else:
+                prev_t = torch.cat([t[1:], t.new_tensor([-1])])
+                final = 1.0
+            alpha_to = torch.where(prev_t >= 0, alphas[prev_t.clamp(min=0)], torch.tensor(final, dtype=torch.float64))
+            self._cache[key] = (alphas[t], alpha_to)
+        return self._cache[key]
+
     def timesteps_on(self, device) -> torch.Tensor:
         key = ("timesteps", torch.device(device))
         if key not in self._cache:
@@ -229,6 +255,44 @@ class Sampler:
             )
         trajectory = init.to(device=x_T.device, dtype=dtype, copy=True)
         trajectory[0] = x_T
+        return trajectory
+
+    def guess_trajectory(self, x_T, x0_guess, noise=None, rule: str = "rollout") -> torch.Tensor:
+        """A warm-start ``init`` ``[N + 1, B, *event]`` built from a guess of the clean sample ``x0_guess``.
+
+        ``rule="rollout"``: the trajectory this sampler would produce from ``x_T`` and ``noise`` if the
+        denoiser predicted ``x0_guess`` at every step (the solver's own steps and noise, no model call),
+        so a right guess is already the fixed point. ``rule="marginal"``: each point on the forward
+        diffusion marginal, sqrt(a_i) x0 + sqrt(1 - a_i) x_T at step i's noise level, x_N = x0.
+        ``noise`` must be the unit noise the sampler will use (None for a deterministic sampler).
+        """
+        acc = accumulation_dtype(x_T.dtype)
+        x0 = x0_guess.to(device=x_T.device, dtype=acc)
+        alpha_from, _ = self.step_alphas_cumprod()
+        alpha = alpha_from.to(device=x_T.device, dtype=acc).view(-1, *([1] * x_T.ndim))  # [N, 1, ...]
+        if rule == "marginal":
+            points = alpha.sqrt() * x0 + (1 - alpha).sqrt() * x_T.to(acc)
+            points[0] = x_T  # x_T is authoritative (alpha_bar at the first step is small, not 0)
+            return torch.cat([points, x0[None]])
+        if rule != "rollout":
+            raise ValueError(f"unknown warm-start rule {rule!r}; use 'rollout' or 'marginal'")
+        scaled = self.scaled_noise(x_T, noise, None, acc) if self.is_stochastic else None
+        history = self.new_history(x_T, acc)
+        kind = self.scheduler.config.prediction_type
+        trajectory = x_T.new_empty((self.num_inference_steps + 1, *x_T.shape), dtype=acc)
+        trajectory[0] = x_T
+        steps = torch.arange(self.num_inference_steps, device=x_T.device)
+        # N tiny elementwise steps, no model call (~ms on CPU); the model output that implies x0_guess
+        for i in range(self.num_inference_steps):
+            x, a = trajectory[i], alpha[i]
+            if kind == "epsilon":
+                output = (x - a.sqrt() * x0) / (1 - a).sqrt()
+            elif kind == "sample":
+                output = x0
+            else:  # v_prediction: x0 = sqrt(a) x - sqrt(1 - a) v
+                output = (a.sqrt() * x - x0) / (1 - a).sqrt()
+            nxt = self.step_no_noise(x[None], output[None], steps[i : i + 1], history)[0]
+            trajectory[i + 1] = nxt + scaled[i] if scaled is not None else nxt
         return trajectory
 
     # ------------------------------------------------------------------ sampling
