@@ -12,7 +12,9 @@ from parapolicy.samplers.base import Denoiser, SampleOutput, Sampler
 from parapolicy.samplers.ddim import DDIMSampler
 from parapolicy.samplers.ddpm import DDPMSampler
 from parapolicy.samplers.dpmsolver import DPMSolverSampler
+from parapolicy.samplers.parataa import ParaTAADDIMSampler, ParaTAADDPMSampler, ParaTAASampler
 from parapolicy.samplers.picard import ParaDDIMSampler, ParaDDPMSampler, ParaDPMSolverSampler, PicardSampler
+from parapolicy.samplers.srds import SRDSDDIMSampler, SRDSDDPMSampler, SRDSSampler
 
 SAMPLERS: dict[str, type[Sampler]] = {}
 
@@ -26,6 +28,8 @@ def register_sampler(cls: type[Sampler]) -> type[Sampler]:
 
 
 for _cls in (DDPMSampler, DDIMSampler, DPMSolverSampler, ParaDDPMSampler, ParaDDIMSampler, ParaDPMSolverSampler):
+    register_sampler(_cls)
+for _cls in (SRDSDDPMSampler, SRDSDDIMSampler, ParaTAADDPMSampler, ParaTAADDIMSampler):
     register_sampler(_cls)
 
 
@@ -56,7 +60,13 @@ __all__ = [
     "ParaDDIMSampler",
     "ParaDDPMSampler",
     "ParaDPMSolverSampler",
+    "ParaTAADDIMSampler",
+    "ParaTAADDPMSampler",
+    "ParaTAASampler",
     "PicardSampler",
+    "SRDSDDIMSampler",
+    "SRDSDDPMSampler",
+    "SRDSSampler",
     "SampleOutput",
     "Sampler",
     "make_sampler",
