@@ -16,9 +16,9 @@ Pipelining: nothing waits for a whole iteration. A fine solve F_b(X^{k-1}_{b-1})
 after its start point is known, and every running solve advances one step per round, all of them in
 one batched ``denoise`` call; G_b(x) needs the model at (x, t_{s_{b-1}}), which is the first
 evaluation of the fine solve that starts from x, so it costs nothing extra. X^k_b is known after
-round T(k, b) = max(T(k-1, b-1) + L_b, T(k, b-1) + 1) with T(k, b) = s_b for b <= k, hence
-T(k, b) <= s_b: the pipelined schedule never takes more rounds than the sequential sampler, and all
-B iterations take exactly N.
+round T(k, b) = max(T(k-1, b-1) + L_b, T(k, b-1) + 1), with T(0, b) = b (coarse sweep; 0 with a
+warm start) and T(k, b) = s_b for b <= k, hence T(k, b) <= s_b: the pipelined schedule never takes
+more rounds than the sequential sampler, and all B iterations take exactly N.
 """
 
 from __future__ import annotations
@@ -314,8 +314,11 @@ class SRDSDDPMSampler(SRDSSampler, DDPMSampler):
 
     G is deterministic: the DDPM posterior mean (no noise) from the block's first timestep straight to
     the level of its end, x' = c0 * clip(x0) + c1 * x with the cumulative alpha ratio of the block. For
-    Gaussian data and an exact denoiser this is exactly the conditional mean of the block's fine
-    solve, and the added noise enters F additively, so corrections G(x') - G(x) match F's.
+    Gaussian data, an exact denoiser and no clipping this is exactly the conditional mean of the
+    block's fine solve, and the noise enters F additively, so G(x') - G(x) = F(x') - F(x): one
+    iteration would be exact. A DDIM step across the block is a worse predictor of a DDPM block: at
+    DDPM-100, tau = 0.1, it took 100 rounds instead of 64 on a random policy U-Net, 82 instead of 37
+    on Gaussian data.
     """
 
     name = "parasrdsddpm"
