@@ -23,6 +23,7 @@ A sampler for a new algorithm (SRDS, ParaTAA, ...) reuses, from the solver class
 from __future__ import annotations
 
 import dataclasses
+import time
 import inspect
 from typing import Callable, ClassVar, Optional
 
@@ -192,6 +193,19 @@ class Sampler:
             return sqrt_alpha * x - sqrt_one_minus_alpha * model_output
         raise ValueError(f"prediction_type {kind!r} is not supported by {self.name}")
 
+    def _x0_and_eps(self, x, model_output, sqrt_alpha, sqrt_one_minus_alpha):
+        """(predicted x0 clipped as the scheduler's step clips it, predicted noise) ``[K, B, *event]`` each,
+        for steps written in terms of both (DDIM's update, SRDS's coarse step)."""
+        x0 = self._denoised_from_output(x, model_output, sqrt_alpha, sqrt_one_minus_alpha)
+        kind = self.scheduler.config.prediction_type
+        if kind == "epsilon":
+            eps = model_output
+        elif kind == "sample":
+            eps = (x - sqrt_alpha * x0) / sqrt_one_minus_alpha
+        else:  # v_prediction (others were rejected by _denoised_from_output)
+            eps = sqrt_alpha * model_output + sqrt_one_minus_alpha * x
+        return self._clip_denoised(x0), eps
+
     def _clip_denoised(self, x0: torch.Tensor, allow_clip: bool = True) -> torch.Tensor:
         """Threshold or clip predicted x0 exactly when the scheduler's own step does.
 
@@ -294,6 +308,25 @@ class Sampler:
             nxt = self.step_no_noise(x[None], output[None], steps[i : i + 1], history)[0]
             trajectory[i + 1] = nxt + scaled[i] if scaled is not None else nxt
         return trajectory
+
+    # ------------------------------------------------------------------ sliding windows
+    def _slide_window(self, trajectory, begin: int, end: int, advance: int, window: int, warm: bool) -> int:
+        """Move a window [begin, end) past its ``advance`` verified points; returns the new begin.
+
+        Points entering the window start as copies of the old window's last point (ParaDiGMS), unless
+        a warm start (``warm``) already put a guess there.
+        """
+        new_begin = begin + int(advance)
+        new_end = min(new_begin + window, self.num_inference_steps)
+        if not warm and new_end > end:
+            trajectory[end + 1 : new_end + 1] = trajectory[end]
+        return new_begin
+
+    def _out_of_budget(self, rounds: int, started: float) -> bool:
+        """``max_rounds`` reached, or ``deadline_ms`` passed since ``started`` (a perf_counter time)."""
+        if rounds >= self.max_rounds:
+            return True
+        return self.deadline_ms is not None and (time.perf_counter() - started) * 1e3 > self.deadline_ms
 
     # ------------------------------------------------------------------ sampling
     def _reset_scheduler(self) -> None:

@@ -56,15 +56,7 @@ class DDIMSampler(Sampler):
         """``[K, B, *event]`` -> ``[K, B, *event]`` (``history`` unused)."""
         sqrt_alpha = self.coef("sqrt_alpha", steps, x)
         sqrt_one_minus_alpha = self.coef("sqrt_one_minus_alpha", steps, x)
-        x0 = self._denoised_from_output(x, model_output, sqrt_alpha, sqrt_one_minus_alpha)
-        kind = self.scheduler.config.prediction_type
-        if kind == "epsilon":
-            eps = model_output
-        elif kind == "sample":
-            eps = (x - sqrt_alpha * x0) / sqrt_one_minus_alpha
-        else:  # v_prediction (others were rejected by _denoised_from_output)
-            eps = sqrt_alpha * model_output + sqrt_one_minus_alpha * x
-        x0 = self._clip_denoised(x0)
+        x0, eps = self._x0_and_eps(x, model_output, sqrt_alpha, sqrt_one_minus_alpha)
         return self.coef("sqrt_alpha_prev", steps, x) * x0 + self.coef("coef_eps", steps, x) * eps
 
     def _scheduler_step(self, model_output, step, x, unit_noise):

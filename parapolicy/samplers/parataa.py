@@ -197,17 +197,11 @@ class ParaTAASampler(Sampler):
             advance, error = torch.stack([advance.to(acc), worst]).tolist()  # the round's one host sync
             errors.append(error)
 
-            new_begin = begin + int(advance)
-            new_end = min(new_begin + p, n)
-            if init is None and new_end > end:
-                trajectory[end + 1 : new_end + 1] = trajectory[end]
-            begin = new_begin
+            begin = self._slide_window(trajectory, begin, end, advance, p, warm=init is not None)
             if begin >= n:
                 converged = True
                 break
-            if rounds >= self.max_rounds:
-                break
-            if self.deadline_ms is not None and (time.perf_counter() - start_time) * 1e3 > self.deadline_ms:
+            if self._out_of_budget(rounds, start_time):
                 break
 
         out = trajectory.to(x_T.dtype)

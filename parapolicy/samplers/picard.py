@@ -124,17 +124,11 @@ class PicardSampler(Sampler):
             trajectory[begin + 1 : end + 1] = new_points
             errors.append(error)
 
-            new_begin = begin + int(advance)
-            new_end = min(new_begin + p, n)
-            if init is None and new_end > end:
-                trajectory[end + 1 : new_end + 1] = trajectory[end]
-            begin = new_begin
+            begin = self._slide_window(trajectory, begin, end, advance, p, warm=init is not None)
             if begin >= n:
                 converged = True
                 break
-            if rounds >= self.max_rounds:
-                break
-            if self.deadline_ms is not None and (time.perf_counter() - start) * 1e3 > self.deadline_ms:
+            if self._out_of_budget(rounds, start):
                 break
 
         out = trajectory.to(x_T.dtype)

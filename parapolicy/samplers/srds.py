@@ -159,15 +159,7 @@ class SRDSSampler(Sampler):
             return tables[name].index_select(0, blocks).view(shape)
 
         sqrt_alpha, sqrt_one_minus_alpha = coef("sqrt_alpha"), coef("sqrt_one_minus_alpha")
-        x0 = self._denoised_from_output(x, model_output, sqrt_alpha, sqrt_one_minus_alpha)
-        kind = self.scheduler.config.prediction_type
-        if kind == "epsilon":
-            eps = model_output
-        elif kind == "sample":
-            eps = (x - sqrt_alpha * x0) / sqrt_one_minus_alpha
-        else:  # v_prediction (others were rejected by _denoised_from_output)
-            eps = sqrt_alpha * model_output + sqrt_one_minus_alpha * x
-        x0 = self._clip_denoised(x0)
+        x0, eps = self._x0_and_eps(x, model_output, sqrt_alpha, sqrt_one_minus_alpha)
         return coef("x0") * x0 + coef("x") * x + coef("eps") * eps
 
     # ------------------------------------------------------------------ sampling
