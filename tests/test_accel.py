@@ -1,0 +1,185 @@
+"""Denoiser fast path (parapolicy.accel): bucketing, padding, slicing, equality with the plain path.
+
+Everything runs on CPU (graph capture is skipped there); the last test needs CUDA.
+"""
+
+import pytest
+import torch
+
+from parapolicy.accel import FastPath, apply_fast_path, choose_bucket, resolve_buckets
+from policy_synthetic import ACTION_DIM, OBS_DIM, tiny_policy
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def policy():
+    return tiny_policy()
+
+
+def plan(policy, seed=1, batch=3):
+    obs = torch.randn(batch, 2, OBS_DIM, generator=torch.Generator().manual_seed(seed))
+    return policy.predict_action(obs, generator=torch.Generator().manual_seed(seed))
+
+
+def denoise_inputs(policy, k, batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(k, batch, 16, ACTION_DIM, generator=g)
+    t = torch.randint(100, (k,), generator=g)
+    cond = torch.randn(batch, policy.config.global_cond_dim, generator=g)
+    return x, t, cond
+
+
+def test_choose_and_resolve_buckets(policy):
+    assert [choose_bucket(k, (1, 4)) for k in (1, 2, 3, 4, 5)] == [1, 4, 4, 4, None]
+    assert resolve_buckets([4, 1, 4]) == (1, 4) and resolve_buckets(8) == (8,)
+    for bad in ([0], [], [2.5], [True]):
+        with pytest.raises(ValueError):
+            resolve_buckets(bad)
+    policy.set_sampler("paraddpm", 10, window=16)
+    assert resolve_buckets("auto", policy.sampler) == (1, 10)  # the window never exceeds N
+    policy.set_sampler("paraddim", 15, window=4)
+    assert resolve_buckets("auto", policy.sampler) == (1, 4)
+    policy.set_sampler("ddpm", 10)
+    assert resolve_buckets("auto", policy.sampler) == (1,)
+
+
+def test_bucketing_pads_and_slices(policy):
+    """K < bucket is padded (zeros, timestep 0) and sliced back; K == bucket is not padded;
+    K > every bucket falls back to the plain path (or raises with overflow='error')."""
+    fast = FastPath(buckets=[4], pad=True)
+    x5, t5, cond = denoise_inputs(policy, 5)
+    plain = policy.make_denoise_fn(cond)
+    denoise = fast.wrap(plain, cond, policy.model)
+    with torch.inference_mode():
+        out2 = denoise(x5[:2], t5[:2])
+        (runner,) = fast._runners.values()
+        assert runner.rows == 8 and fast.stats.padded_rows == 4
+        assert torch.equal(runner.x[:4], x5[:2].reshape(4, 16, ACTION_DIM)) and not runner.x[4:].any()
+        assert runner.t.tolist() == [t5[0]] * 2 + [t5[1]] * 2 + [0] * 4  # row k*B + b has t[k]
+        assert torch.equal(runner.cond, cond.repeat(4, 1))
+        assert out2.shape == (2, 2, 16, ACTION_DIM)
+        torch.testing.assert_close(out2, plain(x5[:2], t5[:2]), rtol=0, atol=1e-5)
+
+        out4 = denoise(x5[:4], t5[:4])
+        assert fast.stats.padded_rows == 4 and fast.stats.per_bucket == {4: 2}  # K == bucket: no padding
+        assert torch.equal(out4, plain(x5[:4], t5[:4]))  # same shape as the plain call: bit-identical
+
+        out1 = denoise(x5[0], t5[0])  # a plain [B, H, A] call with one timestep, as the plain path allows
+        assert out1.shape == (2, 16, ACTION_DIM) and not runner.x[2:].any()  # stale real rows re-zeroed
+        torch.testing.assert_close(out1, plain(x5[0], t5[0]), rtol=0, atol=1e-5)
+
+        out5 = denoise(x5, t5)  # K above every bucket: the plain path
+        assert fast.stats.fallbacks == 1 and torch.equal(out5, plain(x5, t5))
+
+        strict = FastPath(buckets=[4], pad=True, overflow="error").wrap(plain, cond, policy.model)
+        with pytest.raises(ValueError, match="exceeds the largest bucket"):
+            strict(x5, t5)
+        with pytest.raises(ValueError, match="batch"):
+            denoise(x5[:, :1], t5)
+
+
+def test_padding_rows_do_not_affect_real_rows(policy):
+    """At a fixed bucket shape, whatever the padding holds, the real rows are bit for bit the same:
+    every layer (GroupNorm included) works per row."""
+    fast = FastPath(buckets=[8], pad=True)
+    x, t, cond = denoise_inputs(policy, 3)
+    with torch.inference_mode():
+        out = fast.wrap(policy.make_denoise_fn(cond), cond, policy.model)(x, t)
+        (runner,) = fast._runners.values()
+        runner.x[6:] = 100 * torch.randn_like(runner.x[6:])
+        runner.t[6:] = 77
+        runner.cond[6:] = -5.0
+        garbage = policy.model(runner.x, runner.t, runner.cond)[:6]
+    assert torch.equal(out, garbage.reshape(out.shape))
+
+
+@pytest.mark.parametrize("name, options", [("ddpm", {}), ("paraddpm", {"window": 4, "tolerance": 0.1})])
+@pytest.mark.parametrize("buckets", ["auto", [8]])
+def test_fast_path_gives_the_plain_path_samples_bitwise(policy, name, options, buckets):
+    """The CPU default (pad='auto': real rows only) reproduces the plain path exactly."""
+    policy.set_sampler(name, 10, **options)
+    policy.enable_fast_path(False)
+    reference = plan(policy)
+    policy.enable_fast_path(buckets=buckets)
+    fast = plan(policy)
+    assert fast["rounds"] == reference["rounds"] and fast["model_evals"] == reference["model_evals"]
+    assert torch.equal(fast["action_pred"], reference["action_pred"])
+    assert torch.equal(fast["trajectory"], reference["trajectory"])
+    stats = policy.fast_path.stats
+    assert stats.calls == reference["rounds"] and stats.fallbacks == 0 and stats.padded_rows == 0
+    if name == "paraddpm" and buckets == "auto":
+        assert set(stats.per_bucket) <= {1, 4} and stats.per_bucket[4] >= 1
+
+
+@pytest.mark.parametrize("name, options", [("ddpm", {}), ("paraddpm", {"window": 4, "tolerance": 0.1})])
+def test_padded_fast_path_matches_the_plain_path(policy, name, options):
+    """pad=True (what CUDA runs) on CPU: the same rounds and samples up to float32 rounding (MKL's
+    kernels, picked by row count, round the last bit differently)."""
+    policy.set_sampler(name, 10, **options)
+    policy.enable_fast_path(False)
+    reference = plan(policy)
+    policy.enable_fast_path(buckets=[3, 8], pad=True)
+    fast = plan(policy)
+    assert policy.fast_path.stats.padded_rows > 0
+    assert fast["rounds"] == reference["rounds"]
+    torch.testing.assert_close(fast["trajectory"], reference["trajectory"], rtol=0, atol=1e-5)
+
+
+def test_fast_path_modes(policy):
+    assert tiny_policy().fast_path == "auto"
+    x, t, cond = denoise_inputs(policy, 1)
+    plain = policy.make_denoise_fn(cond)
+    policy.fast_path = "auto"
+    assert apply_fast_path(policy, plain, cond) is plain  # auto: plain path on CPU
+    assert policy.enable_fast_path(False).fast_path is None
+    assert policy.enable_fast_path("auto").fast_path == "auto"
+    assert isinstance(policy.enable_fast_path(dtype="bf16").fast_path, FastPath)
+    with pytest.raises(ValueError):
+        policy.enable_fast_path("auto", dtype="bf16")
+    for bad in (dict(pad="yes"), dict(overflow="drop"), dict(cuda_graph="maybe"), dict(dtype="int8"),
+                dict(warmup=0), dict(buckets=[0])):
+        with pytest.raises(ValueError):
+            FastPath(**bad)
+    policy.enable_fast_path(cuda_graph=True)  # impossible on CPU: fails at the call, before sampling
+    policy.set_sampler("ddpm", 4)
+    with pytest.raises(ValueError, match="CUDA"):
+        plan(policy)
+    policy.enable_fast_path(False)
+
+
+def test_autocast_returns_float32_close_to_plain(policy):
+    x, t, cond = denoise_inputs(policy, 4)
+    fast = FastPath(buckets=[4], dtype="bfloat16")
+    with torch.inference_mode():
+        out = fast.wrap(policy.make_denoise_fn(cond), cond, policy.model)(x, t)
+        reference = policy.make_denoise_fn(cond)(x, t)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, reference, rtol=0, atol=0.1)
+
+
+def test_buffers_are_rebuilt_when_the_model_moves():
+    policy = tiny_policy()
+    x, t, cond = denoise_inputs(policy, 2)
+    fast = FastPath(buckets=[2])
+    with torch.inference_mode():
+        fast.wrap(policy.make_denoise_fn(cond), cond, policy.model)(x, t)
+    assert len(fast._runners) == 1
+    policy.model.double().float()  # new parameter storage: graphs would point at freed memory
+    fast.wrap(policy.make_denoise_fn(cond), cond, policy.model)
+    assert len(fast._runners) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_matches_eager():
+    policy = tiny_policy().cuda()
+    policy.set_sampler("paraddpm", 10, window=4, tolerance=1e-3)
+    obs = torch.randn(2, 2, OBS_DIM, device="cuda")
+    policy.enable_fast_path(False)
+    reference = policy.predict_action(obs, generator=torch.Generator("cuda").manual_seed(0))
+    policy.enable_fast_path(cuda_graph=True)
+    for _ in range(2):  # capture, then replay
+        fast = policy.predict_action(obs, generator=torch.Generator("cuda").manual_seed(0))
+        torch.testing.assert_close(fast["action_pred"], reference["action_pred"], rtol=0, atol=1e-3)
+    stats = policy.fast_path.stats
+    assert stats.captures == len(stats.per_bucket) and stats.capture_failures == 0  # one graph per bucket
