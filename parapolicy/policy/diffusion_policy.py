@@ -289,7 +289,7 @@ class DiffusionPolicy(nn.Module):
             history = torch.from_numpy(np.stack(self._obs_history))[None]  # [1, n_obs_steps, obs_dim]
             warm_from = self._previous_sample if self.warm_start else None
             plan = self.predict_action(history, warm_from=warm_from)
-            self._previous_sample = plan["sample"]
+            self._previous_sample = plan.get("sample")
             info["warm"] = warm_from is not None
             self._action_queue.extend(plan["action"][0].cpu().numpy())
             converged = plan["converged"]
