@@ -151,8 +151,8 @@ def run_eval(cfg: DictConfig, out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / "episodes.jsonl"
     episodes = read_episodes(log_path) if cfg.resume else []
-    if not cfg.resume and log_path.exists():
-        log_path.unlink()
+    # keep only complete lines: a line cut by an interruption must not glue onto the next one
+    log_path.write_text("".join(json.dumps(ep) + "\n" for ep in episodes))
     done = {(ep["run"], ep["episode"]) for ep in episodes}
 
     n_episodes, n_envs = int(cfg.n_episodes), int(cfg.n_envs)
