@@ -12,7 +12,6 @@ Writes ``episodes.jsonl`` (a line per finished episode; ``resume=true`` continue
 from __future__ import annotations
 
 import json
-import os
 from importlib import resources
 from pathlib import Path
 
@@ -241,5 +240,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     main()

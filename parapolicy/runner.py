@@ -135,7 +135,7 @@ class PolicyRunner:
                     rec["reward"] += float(reward[i])
                     history[i].append(obs[i])
                     rec["success"] = rec["success"] or bool(info["is_success"][i])
-                    error = info["error"][i] if "error" in info and info.get("_error", np.ones(1, bool))[i] else None
+                    error = info["error"][i] if "_error" in info and info["_error"][i] else None
                     if terminated[i] or truncated[i] or error:
                         finish(i, error or None)
                 if not active.any():
