@@ -28,18 +28,24 @@ def available_samplers() -> list[str]:
 
 
 def sampler_config(name: str) -> DictConfig:
-    """The config of ``conf/sampler/<name>.yaml`` (used for ``baseline=<name>``)."""
-    known = available_samplers()
-    if name not in known:
-        raise ValueError(f"unknown baseline sampler {name!r}; known: {', '.join(known)}")
-    return OmegaConf.load(str(resources.files("parapolicy.conf") / "sampler" / f"{name}.yaml"))
+    """The config for ``baseline=<name>``: ``conf/sampler/<name>.yaml``, else a registered sampler
+    name with its default options (e.g. ``parasrdsddim``, whose config file is ``srds.yaml``)."""
+    from parapolicy.samplers import SAMPLERS
+
+    if name in available_samplers():
+        return OmegaConf.load(str(resources.files("parapolicy.conf") / "sampler" / f"{name}.yaml"))
+    if name in SAMPLERS:
+        return OmegaConf.create({"name": name, "num_inference_steps": None})  # steps: the sampler's
+    raise ValueError(f"unknown baseline sampler {name!r}; configs: {', '.join(available_samplers())}; "
+                     f"registered samplers: {', '.join(sorted(SAMPLERS))}")
 
 
 def sampler_kwargs(cfg: DictConfig) -> tuple[str, int, dict]:
     """(name, num_inference_steps, options) from a sampler config; null options mean 'default'."""
     options = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
                if k not in SAMPLER_KEYS and v is not None}
-    return str(cfg.name), int(cfg.num_inference_steps), options
+    steps = cfg.get("num_inference_steps")
+    return str(cfg.name), int(steps) if steps is not None else None, options
 
 
 def resolve_checkpoint(path: str) -> Path:

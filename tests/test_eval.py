@@ -136,3 +136,15 @@ def test_bad_config_fails_before_any_env_starts(override, message, tmp_path):
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-2000:]
     assert "Loading controller configuration" not in proc.stderr  # robosuite never started
+
+
+def test_baseline_by_registered_sampler_name():
+    """A baseline may name a registered sampler without a config file (parasrdsddim lives in srds.yaml)."""
+    from parapolicy.eval import sampler_config, sampler_kwargs
+
+    name, steps, options = sampler_kwargs(sampler_config("parasrdsddim"))
+    assert (name, steps, options) == ("parasrdsddim", None, {})
+    name, steps, options = sampler_kwargs(sampler_config("srds"))  # the config file still wins
+    assert name == "parasrdsddpm" and steps == 100 and options["tolerance"] == 0.1
+    with pytest.raises(ValueError, match="registered samplers: .*parataaddim"):
+        sampler_config("parafoo")
