@@ -218,7 +218,7 @@ def train(cfg: DictConfig) -> Path:
 
     n_params = sum(param.numel() for param in policy.model.parameters())
     dataset_sha = file_sha256(dataset_path)
-    step, loss_ema, elapsed_before = 0, None, 0.0
+    step, loss_ema, elapsed_before, stages = 0, None, 0.0, []
     if cfg.resume and (state_dir / "state.json").is_file():
         saved_config = json.loads((state_dir / "state.json").read_text()).get("policy_config")
         if saved_config != policy_config.to_dict():
@@ -229,6 +229,7 @@ def train(cfg: DictConfig) -> Path:
         if meta.get("dataset_sha256") != dataset_sha:
             print(f"warning: {dataset_path} changed since the training state was written")
         step, loss_ema, elapsed_before = int(meta["step"]), meta.get("loss_ema"), float(meta.get("elapsed_s", 0.0))
+        stages = list(meta.get("stages", []))
         print(f"resuming from {state_dir} at step {step}/{cfg.iters}")
     elif not cfg.resume and (out_dir / LOG_FILE).exists():
         (out_dir / LOG_FILE).unlink()  # a fresh run starts a fresh log
@@ -244,18 +245,27 @@ def train(cfg: DictConfig) -> Path:
         run = wandb.init(project=cfg.wandb.project, name=cfg.wandb.get("name"), mode=cfg.wandb.mode,
                          config=OmegaConf.to_container(cfg, resolve=True))
 
+    # Each invocation that trains is a stage: a checkpoint resumed with another batch size or lr records
+    # every stage's settings, so the provenance says how to reproduce it (not just the last command's).
+    stage = {"from_step": step, "to_step": step, "iters": int(cfg.iters), "batch_size": int(cfg.batch_size),
+             "lr": float(cfg.lr), "lr_scheduler": str(cfg.lr_scheduler), "warmup_steps": int(cfg.warmup_steps)}
+    if step < cfg.iters:
+        stages.append(stage)
+
     def checkpoint(step: int, last_loss: float | None) -> None:
         elapsed = elapsed_before + time.time() - start_time
+        stage["to_step"] = step
         val = validation_loss(ema.model, val_set, cfg.batch_size, cfg.val_batches, device, cfg.seed + 1)
         training_info = dict(
             dataset=str(cfg.dataset), dataset_sha256=dataset_sha, iterations=step, final_loss=loss_ema,
             last_batch_loss=last_loss, val_loss=val, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
             train_demos=len(train_demos), val_demos=len(val_demos), elapsed_s=round(elapsed, 1),
+            stages=stages,
         )
         save_checkpoint(ema.model, out_dir, training=training_info)
         save_training_state(state_dir, policy, ema, optimizer, generator, {
             "step": step, "loss_ema": loss_ema, "elapsed_s": elapsed, "policy_config": policy_config.to_dict(),
-            "dataset_sha256": dataset_sha, "val_demo_names": [d.name for d in val_demos],
+            "dataset_sha256": dataset_sha, "val_demo_names": [d.name for d in val_demos], "stages": stages,
         })
         record = {"step": step, "loss": loss_ema, "val_loss": val, "lr": optimizer.param_groups[0]["lr"],
                   "time": round(elapsed, 1), "checkpoint": True}

@@ -66,6 +66,10 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path, demos):
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
     assert load_checkpoint(chunked).training_info["iterations"] == 12
+    # Provenance lists every invocation that trained, with its settings.
+    stages = load_checkpoint(chunked).training_info["stages"]
+    assert [(s["from_step"], s["to_step"], s["batch_size"], s["iters"]) for s in stages] == [(0, 5, 16, 12), (5, 12, 16, 12)]
+    assert [(s["from_step"], s["to_step"]) for s in load_checkpoint(straight).training_info["stages"]] == [(0, 12)]
     # The training state is pickle-free: safetensors + JSON only.
     assert sorted(p.name for p in (chunked / "training_state").iterdir()) == ["state.json", "state.safetensors"]
 
