@@ -6,7 +6,10 @@
 Every ``checkpoint_every`` iterations the EMA policy is written in the shipped format (``out/``,
 see parapolicy.policy.checkpoint), together with a resumable training state
 (``out/training_state/``: safetensors + JSON, no pickle) and a line in ``out/train_log.jsonl``.
-Re-running the same command continues from the training state (``resume=true``).
+Re-running the same command continues from the training state (``resume=true``). Where that state
+is gone (it stays out of git), ``init_from=<checkpoint>`` continues from a shipped checkpoint's EMA
+weights and normaliser instead: a new stage with a fresh optimizer and its own warm-up + cosine
+schedule from the checkpoint's step to ``iters``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from tqdm import tqdm
 
 from parapolicy.policy.checkpoint import (
     REPO_ROOT,
+    load_checkpoint,
     load_safetensors,
     save_checkpoint,
     save_safetensors,
@@ -54,9 +58,11 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str = "cosine") -> float:
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str = "cosine", start: int = 0) -> float:
     """Linear warm-up, then cosine decay to 0 at ``total_steps`` (diffusers'
-    get_cosine_schedule_with_warmup) or, for ``schedule="constant"``, a constant rate."""
+    get_cosine_schedule_with_warmup) or, for ``schedule="constant"``, a constant rate. ``start``: the
+    step the schedule begins at (a stage continued from a checkpoint restarts its own schedule)."""
+    step, total_steps = step - start, total_steps - start
     if step < warmup_steps:
         return step / max(1, warmup_steps)
     if schedule == "constant":
@@ -141,6 +147,25 @@ def load_training_state(folder: Path, policy: DiffusionPolicy, ema: EMA, optimiz
     return meta
 
 
+def init_from_checkpoint(folder: str | Path, policy: DiffusionPolicy, ema: EMA,
+                         policy_config: DiffusionPolicyConfig) -> tuple[int, list[dict[str, Any]]]:
+    """Load a shipped checkpoint's EMA weights and normaliser into ``policy`` and ``ema``; returns its
+    step count and training stages. The network and data layout must match this run's config."""
+    source = load_checkpoint(resolve_path(folder))
+    keys = ("obs_dim", "action_dim", "obs_keys", "horizon", "n_obs_steps", "down_dims", "kernel_size",
+            "n_groups", "diffusion_step_embed_dim", "num_train_timesteps", "prediction_type")
+    ours, theirs = policy_config.to_dict(), source.config.to_dict()
+    changed = [k for k in keys if ours.get(k) != theirs.get(k)]
+    if changed:
+        raise ValueError(f"init_from={folder}: the checkpoint's {changed} differ from this run's config "
+                         f"({', '.join(f'{k}={theirs.get(k)} vs {ours.get(k)}' for k in changed)})")
+    state = {k: v.to(policy.device) for k, v in source.state_dict().items()}
+    policy.load_state_dict(state)
+    ema.model.load_state_dict(state)
+    info = source.training_info or {}
+    return int(info.get("iterations", 0)), list(info.get("stages", []))
+
+
 # ---------------------------------------------------------------------------------------- main loop
 def build_policy_config(cfg: DictConfig, obs_dim: int, action_dim: int) -> DiffusionPolicyConfig:
     p = cfg.policy
@@ -218,7 +243,7 @@ def train(cfg: DictConfig) -> Path:
 
     n_params = sum(param.numel() for param in policy.model.parameters())
     dataset_sha = file_sha256(dataset_path)
-    step, loss_ema, elapsed_before, stages = 0, None, 0.0, []
+    step, loss_ema, elapsed_before, stages, schedule_start = 0, None, 0.0, [], 0
     if cfg.resume and (state_dir / "state.json").is_file():
         saved_config = json.loads((state_dir / "state.json").read_text()).get("policy_config")
         if saved_config != policy_config.to_dict():
@@ -230,7 +255,12 @@ def train(cfg: DictConfig) -> Path:
             print(f"warning: {dataset_path} changed since the training state was written")
         step, loss_ema, elapsed_before = int(meta["step"]), meta.get("loss_ema"), float(meta.get("elapsed_s", 0.0))
         stages = list(meta.get("stages", []))
+        schedule_start = int(meta.get("schedule_start", 0))
         print(f"resuming from {state_dir} at step {step}/{cfg.iters}")
+    elif cfg.get("init_from"):
+        step, stages = init_from_checkpoint(cfg.init_from, policy, ema, policy_config)
+        schedule_start = step
+        print(f"continuing from {cfg.init_from} at step {step}/{cfg.iters} (fresh optimizer, new lr schedule)")
     elif not cfg.resume and (out_dir / LOG_FILE).exists():
         (out_dir / LOG_FILE).unlink()  # a fresh run starts a fresh log
 
@@ -249,6 +279,10 @@ def train(cfg: DictConfig) -> Path:
     # every stage's settings, so the provenance says how to reproduce it (not just the last command's).
     stage = {"from_step": step, "to_step": step, "iters": int(cfg.iters), "batch_size": int(cfg.batch_size),
              "lr": float(cfg.lr), "lr_scheduler": str(cfg.lr_scheduler), "warmup_steps": int(cfg.warmup_steps)}
+    if schedule_start:
+        stage["schedule_start"] = schedule_start
+    if cfg.get("init_from") and schedule_start == step:
+        stage["init_from"] = str(cfg.init_from)
     if step < cfg.iters:
         stages.append(stage)
 
@@ -266,6 +300,7 @@ def train(cfg: DictConfig) -> Path:
         save_training_state(state_dir, policy, ema, optimizer, generator, {
             "step": step, "loss_ema": loss_ema, "elapsed_s": elapsed, "policy_config": policy_config.to_dict(),
             "dataset_sha256": dataset_sha, "val_demo_names": [d.name for d in val_demos], "stages": stages,
+            "schedule_start": schedule_start,
         })
         record = {"step": step, "loss": loss_ema, "val_loss": val, "lr": optimizer.param_groups[0]["lr"],
                   "time": round(elapsed, 1), "checkpoint": True}
@@ -290,7 +325,7 @@ def train(cfg: DictConfig) -> Path:
     bar = tqdm(total=cfg.iters, initial=step, dynamic_ncols=True, disable=not cfg.progress_bar)
     loss_value = None
     while step < cfg.iters:
-        lr = cfg.lr * lr_factor(step, cfg.warmup_steps, cfg.iters, cfg.lr_scheduler)
+        lr = cfg.lr * lr_factor(step, cfg.warmup_steps, cfg.iters, cfg.lr_scheduler, start=schedule_start)
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = {k: v.to(device, non_blocking=True) for k, v in train_set.sample(cfg.batch_size, generator).items()}

@@ -186,6 +186,22 @@ def test_act_validates_observations():
     policy.act(torch.zeros(OBS_DIM))  # tensors are accepted
 
 
+def test_act_takes_robosuites_own_observation_dict():
+    """robosuite names the object vector "object-state" (robomimic: "object"); act(env.raw_obs) must work."""
+    policy = tiny_policy()
+    policy.predict_action = ScriptedPlans()
+    raw = obs_dict(3.0)
+    raw["object-state"] = raw.pop("object")
+    policy.act(raw)
+    policy.reset()
+    policy.act(obs_dict(3.0))
+    first, second = policy.predict_action.histories
+    assert torch.equal(first, second)
+    del raw["object-state"]
+    with pytest.raises(ValueError, match="lacks keys \\['object'\\]"):
+        policy.act(raw)
+
+
 def test_act_end_to_end_with_the_default_sampler():
     pytest.importorskip("parapolicy.samplers")
     policy = tiny_policy()
@@ -193,3 +209,19 @@ def test_act_end_to_end_with_the_default_sampler():
     actions = [policy.act(obs_dict(0.1 * i, extra=False)) for i in range(9)]
     assert all(a.shape == (ACTION_DIM,) and np.isfinite(a).all() for a in actions)
     assert policy.last_info["replanned"] and policy.last_info["model_evals"] == 10
+
+
+@pytest.mark.slow
+def test_readme_control_loop_on_a_real_square_env():
+    """The README's drop-in loop: act(env.raw_obs) (robosuite's dict) plans from the same history as act(obs)."""
+    from parapolicy.envs import make_env
+
+    env = make_env("square", max_episode_steps=3)
+    obs, _ = env.reset(seed=0)
+    from_dict, from_flat = tiny_policy(), tiny_policy()
+    from_dict.predict_action, from_flat.predict_action = ScriptedPlans(), ScriptedPlans()
+    for policy, observation in ((from_dict, env.raw_obs), (from_flat, obs)):
+        policy.reset()
+        assert policy.act(observation).shape == (ACTION_DIM,)
+    torch.testing.assert_close(from_dict.predict_action.histories[0], from_flat.predict_action.histories[0])
+    env.close()

@@ -88,3 +88,36 @@ def test_hydra_cli(tmp_path, demos):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "[checkpoint] iter 2/2" in result.stdout + result.stderr
     assert load_checkpoint(out).config.env == "lift"
+
+
+def test_init_from_continues_a_shipped_checkpoint_with_a_new_schedule(tmp_path, demos):
+    """The training state stays out of git: init_from picks up a checkpoint's EMA weights instead."""
+    common = ["batch_size=8", "val_ratio=0", "log_every=1", "warmup_steps=2"]
+    source = train(config(tmp_path, "iters=6", *common, f"out={tmp_path / 'source'}"))
+    # lr=0: the weights cannot move, so the continued checkpoint must equal its source exactly.
+    frozen = train(config(tmp_path, "iters=9", "lr=0", *common, f"out={tmp_path / 'frozen'}", f"init_from={source}"))
+    a, b = load_file(source / "model.safetensors"), load_file(frozen / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    info = load_checkpoint(frozen).training_info
+    assert info["iterations"] == 9
+    assert [(s["from_step"], s["to_step"]) for s in info["stages"]] == [(0, 6), (6, 9)]
+    assert info["stages"][1]["init_from"] == str(source) and info["stages"][1]["schedule_start"] == 6
+
+    # The stage's own warm-up restarts at the checkpoint's step: steps 7, 8 ramp up, 9 is the peak.
+    moved = train(config(tmp_path, "iters=9", "lr=1e-3", "lr_scheduler=constant", *common,
+                         f"out={tmp_path / 'moved'}", f"init_from={source}"))
+    lrs = {r["step"]: r["lr"] for r in read_log(moved) if not r.get("checkpoint")}
+    assert lrs == pytest.approx({7: 0.0, 8: 5e-4, 9: 1e-3})
+    c = load_file(moved / "model.safetensors")
+    assert any(not torch.equal(a[k], c[k]) for k in a if k.startswith("model."))
+    # Resuming that stage's training state keeps its schedule start.
+    state = json.loads((moved / "training_state" / "state.json").read_text())
+    assert state["schedule_start"] == 6
+
+
+def test_init_from_refuses_a_different_network(tmp_path, demos):
+    source = train(config(tmp_path, "iters=2", "batch_size=8", "val_ratio=0", f"out={tmp_path / 'source'}"))
+    with pytest.raises(ValueError, match="down_dims"):
+        train(config(tmp_path, "iters=4", "batch_size=8", "val_ratio=0", "policy.down_dims=[8,16]",
+                     f"out={tmp_path / 'other'}", f"init_from={source}"))

@@ -22,6 +22,10 @@ from parapolicy.policy.normalizer import PolicyNormalizer
 from parapolicy.policy.unet import ConditionalUnet1D
 
 
+# A policy's obs key -> the name robosuite's own observation dict gives it.
+OBS_KEY_ALIASES = {"object": "object-state"}
+
+
 def _public_scheduler_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """diffusers' scheduler.config as a plain JSON-able dict (private ``_*`` bookkeeping dropped)."""
     return {k: v for k, v in dict(config).items() if not k.startswith("_")}
@@ -249,10 +253,12 @@ class DiffusionPolicy(nn.Module):
     def _flat_obs(self, obs: Mapping[str, Any] | np.ndarray | torch.Tensor) -> np.ndarray:
         cfg = self.config
         if isinstance(obs, Mapping):
-            missing = [k for k in cfg.obs_keys if k not in obs]
+            # robomimic / Diffusion Policy call the object vector "object", robosuite "object-state"
+            keys = [k if k in obs else OBS_KEY_ALIASES.get(k, k) for k in cfg.obs_keys]
+            missing = [k for k, key in zip(cfg.obs_keys, keys) if key not in obs]
             if missing:
                 raise ValueError(f"observation dict lacks keys {missing} (policy needs {cfg.obs_keys})")
-            flat = np.concatenate([np.asarray(obs[k], dtype=np.float32).reshape(-1) for k in cfg.obs_keys])
+            flat = np.concatenate([np.asarray(obs[k], dtype=np.float32).reshape(-1) for k in keys])
         elif isinstance(obs, (np.ndarray, torch.Tensor)):
             flat = obs.detach().cpu().numpy() if isinstance(obs, torch.Tensor) else obs
             flat = np.asarray(flat, dtype=np.float32)
