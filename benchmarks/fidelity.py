@@ -6,8 +6,10 @@ Part 1: for observation histories from the dataset's held-out demos and the same
 each parallel sampler against its sequential twin at several tolerances: mean rounds, mean model
 evaluations, and the largest deviation of the executed action chunk (raw action units, actions live in
 [-1, 1]). Part 2: along consecutive policy calls of a demo (observations n_action_steps apart), rounds
-of cold vs warm-started paraddpm (both warm-start rules) and their deviation from the cold result.
-Prints tables and writes a JSON file (--out).
+of cold vs warm-started paraddpm (both warm-start rules) and their deviation from the cold result, and
+two oracle bounds that no real warm start can beat: "oracle-x0" is the rollout guess built from this
+call's own converged sample (the best any clean-chunk guess can do), "oracle-trajectory" starts from
+this call's own converged trajectory. Prints tables and writes a JSON file (--out).
 """
 
 from __future__ import annotations
@@ -77,7 +79,8 @@ def warm_start(policy, demos, window: int, tolerance: float, calls_per_demo: int
     cfg = policy.config
     rows = []
     variants = {"cold": None, "warm-rollout": "rollout", "warm-marginal": "marginal"}
-    stats = {name: {"rounds": [], "deviation": []} for name in variants}
+    oracles = ("oracle-x0", "oracle-trajectory")
+    stats = {name: {"rounds": [], "deviation": []} for name in (*variants, *oracles)}
     for d, obs in enumerate(demos):
         histories = histories_from_demos([obs], cfg.n_obs_steps, cfg.n_action_steps, calls_per_demo)
         g = torch.Generator().manual_seed(1000 + d)
@@ -96,12 +99,20 @@ def warm_start(policy, demos, window: int, tolerance: float, calls_per_demo: int
                 stats[name]["rounds"].append(out["rounds"])
                 if rule is None:
                     cold_actions.append(out["action"])
+                    # Bounds: guesses that already know this call's answer (its noise-dependent part too).
+                    sampler = policy.sampler
+                    guesses = {"oracle-x0": sampler.guess_trajectory(x_T, out["sample"], noise),
+                               "oracle-trajectory": out["trajectory"]}
+                    for oracle, guess in guesses.items():
+                        bound = policy.predict_action(h, x_T=x_T, noise=noise, init=guess)
+                        stats[oracle]["rounds"].append(bound["rounds"])
+                        stats[oracle]["deviation"].append(float((bound["action"] - out["action"]).abs().max()))
                 else:
                     stats[name]["deviation"].append(float((out["action"] - cold_actions[k - 1]).abs().max()))
     for name, s in stats.items():
         rows.append({"variant": name, "rounds_mean": float(np.mean(s["rounds"])), "calls": len(s["rounds"]),
                      "max_action_deviation_vs_cold": max(s["deviation"]) if s["deviation"] else 0.0})
-        print(f"paraddpm-100 {name:<14} rounds {rows[-1]['rounds_mean']:6.2f} over {len(s['rounds'])} calls  "
+        print(f"paraddpm-100 {name:<17} rounds {rows[-1]['rounds_mean']:6.2f} over {len(s['rounds'])} calls  "
               f"max |a - a_cold| {rows[-1]['max_action_deviation_vs_cold']:.2e}", flush=True)
     return rows
 
@@ -118,6 +129,7 @@ def main() -> None:
     parser.add_argument("--extra", nargs="*", default=None,
                         help="more parallel samplers (default: every registered SRDS / ParaTAA variant)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--warm-only", action="store_true", help="skip part 1 (sampler fidelity)")
     parser.add_argument("--out", default="benchmarks/fidelity_square.json")
     args = parser.parse_args()
     if args.threads:
@@ -132,7 +144,7 @@ def main() -> None:
     started = time.time()
     histories = histories_from_demos(held, cfg.n_obs_steps, 24, args.n_obs)
     print(f"part 1: {len(histories)} observation histories from {len(held)} held-out demos")
-    rows = fidelity(policy, histories, args.tolerances, args.window, extra)
+    rows = [] if args.warm_only else fidelity(policy, histories, args.tolerances, args.window, extra)
     print(f"part 2: warm starts along {args.warm_demos} demos, tolerance 0.1, window {args.window}")
     warm_rows = warm_start(policy, held[: args.warm_demos], args.window, 0.1, args.calls_per_demo)
     result = {"checkpoint": args.checkpoint, "dataset": args.dataset, "window": args.window,
