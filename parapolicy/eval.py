@@ -66,6 +66,9 @@ def validate(cfg: DictConfig) -> tuple[Path, DictConfig | None]:
     get_task(cfg.env.name)
     if int(cfg.n_episodes) < 1:
         raise ValueError(f"n_episodes must be >= 1, got {cfg.n_episodes}")
+    first = cfg.get("first_episode", 0)
+    if isinstance(first, bool) or not isinstance(first, int) or not 0 <= first < int(cfg.n_episodes):
+        raise ValueError(f"first_episode must be an integer in [0, n_episodes) = [0, {cfg.n_episodes}), got {first!r}")
     if int(cfg.n_envs) < 1:
         raise ValueError(f"n_envs must be >= 1, got {cfg.n_envs}")
     if cfg.max_episode_steps is not None and int(cfg.max_episode_steps) < 1:
@@ -160,14 +163,16 @@ def run_eval(cfg: DictConfig, out_dir: Path) -> dict:
     log_path.write_text("".join(json.dumps(ep) + "\n" for ep in episodes))
     done = {(ep["run"], ep["episode"]) for ep in episodes}
 
-    n_episodes, n_envs = int(cfg.n_episodes), int(cfg.n_envs)
-    total = n_episodes * len(runs)
-    bar = tqdm(total=total, initial=len(done & {(r, e) for r in runs for e in range(n_episodes)}),
+    # Episodes first_episode .. n_episodes - 1 (episode e has seed `seed + e` whichever process runs it,
+    # so a run split over processes by first_episode gives the same episodes as one run).
+    first_episode, n_episodes, n_envs = int(cfg.get("first_episode", 0)), int(cfg.n_episodes), int(cfg.n_envs)
+    wanted = range(first_episode, n_episodes)
+    bar = tqdm(total=len(wanted) * len(runs), initial=len(done & {(r, e) for r in runs for e in wanted}),
                desc=f"eval {cfg.env.name}", unit="ep", disable=not cfg.progress_bar)
     envs = make_vector_env(cfg.env.name, n_envs, cfg.max_episode_steps)
     try:
         with log_path.open("a") as log:
-            for first in range(0, n_episodes, n_envs):
+            for first in range(first_episode, n_episodes, n_envs):
                 batch = list(range(first, min(first + n_envs, n_episodes)))
                 for run_label_, run_policy in runs.items():  # interleaved, so machine drift hits all alike
                     todo = [e for e in batch if (run_label_, e) not in done]
@@ -189,16 +194,18 @@ def run_eval(cfg: DictConfig, out_dir: Path) -> dict:
         bar.close()
         envs.close()
 
+    episodes = [ep for ep in episodes if ep["episode"] in wanted]  # a resumed log may hold others
     summary = {"env": cfg.env.name, "checkpoint": str(checkpoint), "device": _device_name(device),
                "sampler": OmegaConf.to_container(cfg.sampler, resolve=True), "sampler_label": label,
                "baseline": baseline_label, "baselines": list(runs)[1:],
-               "seed": int(cfg.seed), "n_envs": n_envs,
+               "seed": int(cfg.seed), "first_episode": first_episode, "n_envs": n_envs,
                **summarize(episodes, list(runs), baseline_label)}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     latencies = {label: [c["latency_ms"] for ep in episodes if ep["run"] == label for c in ep["calls"]]
                  for label in runs}
     plot_latency(latencies, out_dir / "latency.png")
-    print(f"\n{cfg.env.name}: {n_episodes} episodes per sampler, seeds {cfg.seed}..{int(cfg.seed) + n_episodes - 1}, "
+    print(f"\n{cfg.env.name}: {len(wanted)} episodes per sampler, seeds {int(cfg.seed) + first_episode}.."
+          f"{int(cfg.seed) + n_episodes - 1}, "
           f"device {summary['device']}, batch {n_envs}")
     print(format_table(summary["runs"], summary["speedup_p50"]))
     print(f"results: {out_dir}")

@@ -106,6 +106,32 @@ def test_resume_continues_an_interrupted_run(checkpoint, tmp_path):
     assert json.loads((out / "summary.json").read_text())["runs"]["paraddpm"]["n_episodes"] == 2
 
 
+def test_run_split_by_first_episode_merges_into_one_summary(checkpoint, tmp_path):
+    """Two processes each run part of the episodes; their logs concatenated and resumed give one summary
+    without running anything again."""
+    args = [*FAST, f"checkpoint={checkpoint}", "baseline=null"]
+    head, tail, merged = tmp_path / "head", tmp_path / "tail", tmp_path / "merged"
+    assert run_eval(*args, "n_episodes=1", f"hydra.run.dir={head}").returncode == 0
+    proc = run_eval(*args, "first_episode=1", "n_episodes=2", f"hydra.run.dir={tail}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 episodes per sampler, seeds 100001..100001" in proc.stdout
+    later = read_lines(tail / "episodes.jsonl")
+    assert [(ep["episode"], ep["seed"]) for ep in later] == [(1, 100001)]
+
+    merged.mkdir()
+    lines = (head / "episodes.jsonl").read_text() + (tail / "episodes.jsonl").read_text()
+    (merged / "episodes.jsonl").write_text(lines)
+    proc = run_eval(*args, "n_episodes=2", "resume=true", f"hydra.run.dir={merged}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (merged / "episodes.jsonl").read_text() == lines  # nothing re-run
+    summary = json.loads((merged / "summary.json").read_text())
+    assert summary["first_episode"] == 0 and summary["runs"]["paraddpm"]["n_episodes"] == 2
+    # a summary covers only its own range, even when the log holds more
+    proc = run_eval(*args, "first_episode=1", "n_episodes=2", "resume=true", f"hydra.run.dir={merged}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((merged / "summary.json").read_text())["runs"]["paraddpm"]["n_episodes"] == 1
+
+
 def test_multirun_over_two_samplers_and_report(checkpoint, tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_eval(*FAST, f"checkpoint={checkpoint}", "n_episodes=1", "baseline=null", "sampler=ddpm,paraddpm",
@@ -128,6 +154,7 @@ def test_multirun_over_two_samplers_and_report(checkpoint, tmp_path):
     ("sampler=nope", "Could not find 'sampler/nope'"),
     ("baseline=nope", "unknown baseline sampler 'nope'"),
     ("n_episodes=0", "n_episodes must be >= 1"),
+    ("first_episode=10", "first_episode must be an integer in [0, n_episodes)"),
     ("checkpoint=/nonexistent/ckpt", "checkpoint '/nonexistent/ckpt' not found"),
 ])
 def test_bad_config_fails_before_any_env_starts(override, message, tmp_path):
