@@ -132,6 +132,13 @@ def test_registry_and_attributes(steps):
         assert out.converged and out.sample.shape == x_T.shape and out.trajectory.shape == (steps + 1, *x_T.shape)
 
 
+def test_repr_shows_the_options_in_use():
+    sampler = make_sampler("paraddim", POLICY, 10, window=4, tolerance=0.5, eta=0.3)
+    assert repr(sampler) == ("ParaDDIMSampler(name='paraddim', num_inference_steps=10, deadline_ms=None, "
+                             "eta=0.3, max_rounds=10, tolerance=0.5, window=4)")
+    assert "num_blocks=3" in repr(make_sampler("parasrdsddpm", POLICY, 10, num_blocks=3))
+
+
 @pytest.mark.parametrize(
     "name, options, message",
     [

@@ -365,4 +365,6 @@ class Sampler:
         return sorted(names)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, num_inference_steps={self.num_inference_steps})"
+        # Every constructor option that the sampler keeps under its own name (scheduler_kwargs is not kept).
+        options = "".join(f", {key}={getattr(self, key)!r}" for key in self.option_names() if hasattr(self, key))
+        return f"{type(self).__name__}(name={self.name!r}, num_inference_steps={self.num_inference_steps}{options})"

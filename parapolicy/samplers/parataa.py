@@ -240,14 +240,6 @@ class ParaTAASampler(Sampler):
         correction = torch.einsum("cwbd,wbc->wbd", dx + dr, gamma)
         return correction.reshape(current.shape)
 
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(name={self.name!r}, num_inference_steps={self.num_inference_steps}, "
-            f"window={self.window}, history={self.history}, order={self.order}, unroll={self.unroll!r}, "
-            f"tolerance={self.tolerance}, "
-            f"abs_tolerance={self.abs_tolerance}, ridge={self.ridge}, max_rounds={self.max_rounds}, "
-            f"deadline_ms={self.deadline_ms})"
-        )
 
 
 class ParaTAADDPMSampler(ParaTAASampler, DDPMSampler):

@@ -136,12 +136,6 @@ class PicardSampler(Sampler):
             sample=out[n], rounds=rounds, model_evals=model_evals, errors=errors, converged=converged, trajectory=out
         )
 
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(name={self.name!r}, num_inference_steps={self.num_inference_steps}, "
-            f"window={self.window}, tolerance={self.tolerance}, max_rounds={self.max_rounds}, "
-            f"deadline_ms={self.deadline_ms})"
-        )
 
 
 class ParaDDPMSampler(PicardSampler, DDPMSampler):

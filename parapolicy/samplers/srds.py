@@ -293,12 +293,6 @@ class SRDSSampler(Sampler):
             sample=out[n], rounds=rounds, model_evals=model_evals, errors=errors, converged=converged, trajectory=out
         )
 
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(name={self.name!r}, num_inference_steps={self.num_inference_steps}, "
-            f"num_blocks={self.num_blocks}, tolerance={self.tolerance}, max_iters={self.max_iters}, "
-            f"deadline_ms={self.deadline_ms})"
-        )
 
 
 class SRDSDDPMSampler(SRDSSampler, DDPMSampler):
