@@ -107,3 +107,32 @@ def test_load_policy_resolves_names_and_sampler(saved, monkeypatch):
     fast = load_policy("tiny", sampler="paraddpm", num_inference_steps=8, window=4)
     assert fast.sampler_name == "paraddpm" and fast.num_inference_steps == 8
     assert fast.sampler_options == {"window": 4}
+
+
+@pytest.mark.parametrize("name", ["square", "lift"])
+def test_shipped_checkpoint_loads_and_plans(name):
+    """The checkpoints in git load by name, fit their env's observation/action layout and the size cap,
+    record their provenance, and plan the same chunk with a parallel sampler as with DDPM."""
+    import yaml
+
+    env = yaml.safe_load((ckpt.CHECKPOINTS_DIR.parent / "conf" / "env" / f"{name}.yaml").read_text())
+    folder = ckpt.CHECKPOINTS_DIR / name
+    assert sum(p.stat().st_size for p in folder.iterdir()) <= 25 * 2**20
+
+    ddpm = load_policy(name, sampler="ddpm", num_inference_steps=10)
+    assert ddpm.config.env == name and ddpm.config.obs_keys == env["obs_keys"]
+    assert (ddpm.config.obs_dim, ddpm.config.action_dim) == (env["obs_dim"], env["action_dim"])
+    training = ddpm.training_info
+    assert training["iterations"] > 0 and len(training["dataset_sha256"]) == 64
+    assert training["stages"][-1]["to_step"] == training["iterations"]
+
+    obs = torch.zeros(2, ddpm.config.n_obs_steps, ddpm.config.obs_dim)
+    obs[1] += 0.05
+    parallel = load_policy(name, sampler="paraddpm", num_inference_steps=10, window=10, tolerance=1e-6)
+    out = ddpm.predict_action(obs, generator=torch.Generator().manual_seed(0))
+    par = parallel.predict_action(obs, generator=torch.Generator().manual_seed(0))
+    action = out["action"]
+    assert action.shape == (2, ddpm.config.n_action_steps, ddpm.config.action_dim)
+    assert torch.isfinite(action).all() and action.abs().max() <= 1 + 1e-5
+    assert torch.allclose(par["action"], action, atol=1e-3), (par["action"] - action).abs().max()
+    assert int(par["rounds"]) <= 10  # parallel depth never exceeds the sequential count
