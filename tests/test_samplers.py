@@ -31,6 +31,10 @@ CASES = {
     "ddim-linear-final-alpha": ("ddim", LINEAR, 20, {"scheduler_kwargs": {"set_alpha_to_one": False}}),
     "ddim-eta-linear": ("ddim", LINEAR, 20, {"eta": 0.7, "scheduler_kwargs": {"set_alpha_to_one": False}}),
     "dpmsolver3-linear": ("dpmsolver", LINEAR, 10, {"solver_order": 3}),
+    # "trailing" spacing (first-class option): starts at t = 99, DDIM's fixed stride lands step 0 on 93
+    "ddim-policy-trailing": ("ddim", POLICY, 15, {"timestep_spacing": "trailing"}),
+    "dpmsolver-policy-trailing": ("dpmsolver", POLICY, 15, {"timestep_spacing": "trailing"}),
+    "ddpm-policy-trailing": ("ddpm", POLICY, 20, {"timestep_spacing": "trailing"}),
 }
 SCHEDULER_CLASSES = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmsolver": DPMSolverMultistepScheduler}
 BATCH, HORIZON, ACTION_DIM = 3, 8, 2
@@ -106,6 +110,14 @@ def inputs(n, dtype=torch.float64, seed=1, batch=BATCH):
     return x_T, noise
 
 
+def reference_kwargs(options: dict) -> dict:
+    """The diffusers scheduler overrides a case's sampler options stand for."""
+    kwargs = dict(options.get("scheduler_kwargs", {}))
+    if "timestep_spacing" in options:
+        kwargs["timestep_spacing"] = options["timestep_spacing"]
+    return kwargs
+
+
 def pair(case, **parallel_options):
     name, config, n, options = CASES[case]
     return (
@@ -135,7 +147,7 @@ def test_registry_and_attributes(steps):
 def test_repr_shows_the_options_in_use():
     sampler = make_sampler("paraddim", POLICY, 10, window=4, tolerance=0.5, eta=0.3)
     assert repr(sampler) == ("ParaDDIMSampler(name='paraddim', num_inference_steps=10, deadline_ms=None, "
-                             "eta=0.3, max_rounds=10, tolerance=0.5, window=4)")
+                             "eta=0.3, max_rounds=10, timestep_spacing='leading', tolerance=0.5, window=4)")
     assert "num_blocks=3" in repr(make_sampler("parasrdsddpm", POLICY, 10, num_blocks=3))
 
 
@@ -193,10 +205,10 @@ def test_batched_step_matches_scheduler_step(case, prediction_type):
     ours = torch.empty_like(x)
     ours[order] = sampler.step_no_noise(x[order], model_output[order], order)
 
-    scheduler = SCHEDULER_CLASSES[name].from_config(config, **options.get("scheduler_kwargs", {}))
+    scheduler = SCHEDULER_CLASSES[name].from_config(config, **reference_kwargs(options))
     if name == "dpmsolver":
         scheduler = DPMSolverMultistepScheduler.from_config(
-            config, **options.get("scheduler_kwargs", {}), solver_order=options.get("solver_order", 2)
+            config, **reference_kwargs(options), solver_order=options.get("solver_order", 2)
         )
     scheduler.set_timesteps(n)
     expected = torch.empty_like(x)
@@ -226,7 +238,7 @@ def test_sequential_matches_diffusers_loop(case):
     x_T, _ = inputs(n)
     sampler = make_sampler(name, config, n, **options)
     scheduler = SCHEDULER_CLASSES[name].from_config(
-        config, **options.get("scheduler_kwargs", {}), **({"solver_order": options["solver_order"]} if "solver_order" in options else {})
+        config, **reference_kwargs(options), **({"solver_order": options["solver_order"]} if "solver_order" in options else {})
     )
     scheduler.set_timesteps(n)
     generator = torch.Generator().manual_seed(7)
@@ -246,7 +258,8 @@ def test_sequential_matches_diffusers_loop(case):
     assert out.rounds == out.model_evals == n and out.converged
     assert torch.equal(out.trajectory[0], x_T) and torch.equal(out.trajectory[-1], out.sample)
     if name == "ddpm":
-        assert rel_err(out.sample, x) < 1e-13
+        # a last step at t > 0 ("trailing" ends at t = 6): diffusers adds 1e-10 * noise there, we add none
+        assert rel_err(out.sample, x) < (1e-13 if int(scheduler.timesteps[-1]) == 0 else 1e-9)
     else:
         assert torch.equal(out.sample, x)
 
@@ -441,3 +454,63 @@ def test_low_precision_model():
     assert out.sample.dtype == torch.bfloat16 and set(seen) == {torch.bfloat16} and out.converged
     reference = sequential.sample(analytic, x_T).sample
     assert (out.sample.float() - reference).abs().max() < 0.05
+
+
+# ------------------------------------------------------------------------------- timestep spacing
+TRAILING_15 = [99, 92, 86, 79, 72, 66, 59, 52, 46, 39, 32, 26, 19, 12, 6]  # diffusers, N = 15 of T = 100
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_timestep_spacing_option_reaches_the_scheduler(name):
+    """``timestep_spacing`` (first-class) and ``scheduler_kwargs.timestep_spacing`` (kept for old
+    commands) both set the diffusers scheduler's spacing; the checkpoint config's ("leading") otherwise."""
+    saved = {k: v for k, v in POLICY.items() if not k.startswith("_")}  # as a checkpoint stores it
+    default = make_sampler(name, saved, 15)
+    assert default.scheduler.config.timestep_spacing == default.timestep_spacing == "leading"
+    assert int(default.timesteps[0]) < 99
+    for options in ({"timestep_spacing": "trailing"}, {"scheduler_kwargs": {"timestep_spacing": "trailing"}}):
+        sampler = make_sampler(name, POLICY, 15, **options)
+        assert sampler.scheduler.config.timestep_spacing == sampler.timestep_spacing == "trailing"
+        assert sampler.timesteps.tolist() == TRAILING_15
+        assert "timestep_spacing='trailing'" in repr(sampler)
+    linspace = make_sampler(name, POLICY, 15, timestep_spacing="linspace")
+    assert linspace.scheduler.config.timestep_spacing == "linspace" and int(linspace.timesteps[0]) == 99
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"timestep_spacing": "trailling"}, "timestep_spacing must be one of leading, trailing, linspace"),
+    ({"scheduler_kwargs": {"timestep_spacing": "end"}}, "scheduler_kwargs.timestep_spacing must be one of"),
+    ({"timestep_spacing": "trailing", "scheduler_kwargs": {"timestep_spacing": "leading"}}, "contradicts"),
+])
+def test_bad_timestep_spacing(options, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make_sampler("paraddim", POLICY, 15, **options)
+
+
+@pytest.mark.parametrize("kind", ["analytic", "net"])
+@pytest.mark.parametrize("name, steps", [("paraddim", 15), ("paradpmsolver", 15), ("parasrdsddim", 15),
+                                         ("parataaddim", 15), ("parasrdsddim", 10), ("parataaddim", 10)])
+def test_parallel_matches_sequential_with_trailing_spacing(name, steps, kind):
+    """float64, tau = 1e-8, "trailing": every parallel DDIM / DPM-Solver sampler converges to its
+    sequential twin's trajectory (their tables follow the scheduler's own step rule for any spacing)."""
+    twin = name.removeprefix("parasrds").removeprefix("parataa").removeprefix("para")
+    sequential = make_sampler(twin, POLICY, steps, timestep_spacing="trailing")
+    parallel = make_sampler(name, POLICY, steps, timestep_spacing="trailing", tolerance=TINY)
+    assert parallel.timesteps.tolist() == sequential.timesteps.tolist() and int(parallel.timesteps[0]) == 99
+    # SRDS / ParaTAA step between noise levels with these; they must match the solver's own tables
+    alpha_from, alpha_to = parallel.step_alphas_cumprod()
+    alphas = sequential.scheduler.alphas_cumprod.double()
+    assert torch.equal(alpha_from, alphas[sequential.timesteps])
+    if twin == "ddim":  # DDIMScheduler.step: t - T // N (N = 15: 99 -> 93, last step 6 -> 0; N = 10: 9 -> "1")
+        prev = sequential.timesteps - 100 // steps
+        final = torch.tensor(1.0, dtype=torch.float64)  # set_alpha_to_one
+        assert torch.equal(alpha_to, torch.where(prev >= 0, alphas[prev.clamp(min=0)], final))
+        assert (int(prev[0]), int(prev[-1])) == ((93, 0) if steps == 15 else (89, -1))
+        assert torch.allclose(alpha_to.sqrt().float(), sequential._tables["sqrt_alpha_prev"])
+    denoise = denoiser(kind, POLICY)
+    x_T, noise = inputs(steps)
+    expected = sequential.sample(denoise, x_T, noise=noise)
+    out = parallel.sample(denoise, x_T, noise=noise)
+    assert out.converged and out.rounds <= steps
+    assert rel_err(out.sample, expected.sample) < 1e-6
+    assert rel_err(out.trajectory, expected.trajectory) < 1e-6

@@ -63,6 +63,30 @@ def check_positive_int(name: str, value, minimum: int = 1) -> int:
     return value
 
 
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+
+
+def merge_timestep_spacing(timestep_spacing: Optional[str], scheduler_kwargs: Optional[dict]) -> dict:
+    """``scheduler_kwargs`` with the ``timestep_spacing`` option folded in (the option is first-class:
+    ``sampler.timestep_spacing=trailing``; ``scheduler_kwargs={timestep_spacing: ...}`` keeps working).
+
+    diffusers' spacings for N of T train steps: "leading" (its default) starts at t = (T // N) * (N - 1),
+    e.g. 84 of 100 for N = 15; "trailing" starts at T - 1 (99, 92, ..., 6); "linspace" spreads N
+    points over [0, T - 1]. Raises ValueError on an unknown spacing or on two different ones.
+    """
+    kwargs = dict(scheduler_kwargs or {})
+    for source, value in (("timestep_spacing", timestep_spacing), ("scheduler_kwargs.timestep_spacing",
+                                                                  kwargs.get("timestep_spacing"))):
+        if value is not None and value not in TIMESTEP_SPACINGS:
+            raise ValueError(f"{source} must be one of {', '.join(TIMESTEP_SPACINGS)} (or null), got {value!r}")
+    if timestep_spacing is not None:
+        if kwargs.get("timestep_spacing", timestep_spacing) != timestep_spacing:
+            raise ValueError(f"timestep_spacing={timestep_spacing!r} contradicts "
+                             f"scheduler_kwargs.timestep_spacing={kwargs['timestep_spacing']!r}; give one")
+        kwargs["timestep_spacing"] = timestep_spacing
+    return kwargs
+
+
 class Sampler:
     """Base class: one diffusers scheduler, set to ``num_inference_steps``, plus vectorised step tables.
 
@@ -78,9 +102,19 @@ class Sampler:
     # Multistep solvers read earlier steps' data predictions: see `new_history`.
     is_multistep: ClassVar[bool] = False
 
-    def __init__(self, scheduler_config, num_inference_steps: int, *, scheduler_kwargs: Optional[dict] = None):
+    def __init__(
+        self,
+        scheduler_config,
+        num_inference_steps: int,
+        *,
+        timestep_spacing: Optional[str] = None,
+        scheduler_kwargs: Optional[dict] = None,
+    ):
         check_positive_int("num_inference_steps", num_inference_steps)
-        self.scheduler = self.scheduler_class.from_config(dict(scheduler_config), **(scheduler_kwargs or {}))
+        scheduler_kwargs = merge_timestep_spacing(timestep_spacing, scheduler_kwargs)
+        self.scheduler = self.scheduler_class.from_config(dict(scheduler_config), **scheduler_kwargs)
+        # the spacing in use (the option, else scheduler_kwargs', else the checkpoint config's)
+        self.timestep_spacing = self.scheduler.config.get("timestep_spacing")
         num_train = self.scheduler.config.num_train_timesteps
         if num_inference_steps > num_train:
             raise ValueError(

@@ -13,21 +13,24 @@ from parapolicy.samplers.base import Sampler
 class DDIMSampler(Sampler):
     """x_{i+1} = sqrt(a_prev) * clip(x0_i) + sqrt(1 - a_prev - s_i^2) * eps_i + s_i * noise[i].
 
-    Options: ``eta`` (default 0: the ODE sampler; s_i = eta * DDPM posterior std), ``scheduler_kwargs``.
+    Options: ``eta`` (default 0: the ODE sampler; s_i = eta * DDPM posterior std), ``timestep_spacing``,
+    ``scheduler_kwargs``.
     As ``DDIMScheduler.step``: the previous timestep is t - num_train_timesteps // N (a fixed stride),
     the last step goes to ``final_alpha_cumprod`` (1, or alphas_cumprod[0] when
-    ``set_alpha_to_one=False``), eps is the raw model output even when x0 is clipped. With eta > 0 the
+    ``set_alpha_to_one=False``), eps is the raw model output even when x0 is clipped. So with "trailing"
+    spacing (99, 92, ..., 6 for N = 15 of 100) step 0 lands on 99 - 100 // 15 = 93, not 92, and the last
+    step on t = 0 (alphas_cumprod[0], not 1): diffusers' rule, which the tables follow. With eta > 0 the
     last step adds no noise (the shared convention), though its s_i still enters the eps coefficient.
     """
 
     name = "ddim"
     scheduler_class = DDIMScheduler
 
-    def __init__(self, scheduler_config, num_inference_steps: int, *, eta: float = 0.0, scheduler_kwargs=None):
+    def __init__(self, scheduler_config, num_inference_steps: int, *, eta: float = 0.0, **base_options):
         if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
             raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
         self.eta = float(eta)
-        super().__init__(scheduler_config, num_inference_steps, scheduler_kwargs=scheduler_kwargs)
+        super().__init__(scheduler_config, num_inference_steps, **base_options)
 
     def _build_tables(self) -> dict[str, torch.Tensor]:
         scheduler = self.scheduler

@@ -11,7 +11,8 @@ from parapolicy.samplers.base import Sampler
 class DDPMSampler(Sampler):
     """x_{i+1} = c0_i * clip(x0_i) + c1_i * x_i + std_i * noise[i]: the DDPM posterior mean plus noise.
 
-    Options: ``scheduler_kwargs`` (overrides applied on top of ``scheduler_config``). Variance types
+    Options: ``timestep_spacing`` ("leading" | "trailing" | "linspace"; default: the config's),
+    ``scheduler_kwargs`` (overrides applied on top of ``scheduler_config``). Variance types
     ``fixed_small`` (default), ``fixed_small_log`` and ``fixed_large`` are supported. The last step adds
     no noise (diffusers adds none at t = 0; at a last step with t > 0 it would add 1e-10 * noise).
     """

@@ -27,11 +27,12 @@ class DPMSolverSampler(Sampler):
     scheduler_class = DPMSolverMultistepScheduler
     is_multistep = True
 
-    def __init__(self, scheduler_config, num_inference_steps: int, *, solver_order: int = 2, scheduler_kwargs=None):
+    def __init__(self, scheduler_config, num_inference_steps: int, *, solver_order: int = 2, scheduler_kwargs=None,
+                 **base_options):
         if solver_order not in (1, 2, 3) or isinstance(solver_order, bool):
             raise ValueError(f"solver_order must be 1, 2 or 3, got {solver_order!r}")
         scheduler_kwargs = {**(scheduler_kwargs or {}), "solver_order": solver_order}
-        super().__init__(scheduler_config, num_inference_steps, scheduler_kwargs=scheduler_kwargs)
+        super().__init__(scheduler_config, num_inference_steps, scheduler_kwargs=scheduler_kwargs, **base_options)
 
     def _solver_orders(self) -> list[int]:
         """The order DPMSolverMultistepScheduler.step uses at each step (its own rules, step by step)."""
