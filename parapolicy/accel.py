@@ -13,26 +13,44 @@ drop-in denoiser that
 3. optionally runs the model under bf16 / fp16 autocast and returns float32 (the samplers accumulate
    the trajectory in float32), and optionally through ``torch.compile``.
 
-On CPU no graph is captured, and by default (``pad="auto"``) the model runs on the real rows of the
-buffers only: padding would cost CPU FLOPs for nothing, and it changes float32 rounding in the last bit
-(MKL / oneDNN pick GEMM and convolution kernels by the number of rows, so a row's result depends on
-how many rows share the call, padding or not). The CPU fast path is therefore bit-identical to the
-plain path. ``pad=True`` computes the padding on CPU too (the tests use it to exercise the bucketing
-as the GPU runs it): real rows then match the plain path to float32 rounding (~1e-6), and do not
-depend on the padding's content at all (bit for bit).
+On CPU no graph is captured; instead each static shape (bucket) gets the fastest of a few *backends*,
+picked at warm-up by measurement (``backend="auto"``, the default of an explicit fast path):
 
-    policy.enable_fast_path()                      # CUDA: graphs on; CPU: padding only
-    policy.enable_fast_path(dtype="bfloat16")      # + autocast
+- ``eager``: the model as it is, on the real rows only (no padding: it would cost CPU FLOPs for
+  nothing). Bit-identical to the plain path: MKL / oneDNN pick GEMM and convolution kernels by the
+  number of rows, so padding would change float32 rounding in the last bit;
+- ``trace``: ``torch.jit.trace`` at the bucket's shape, ``torch.jit.freeze`` (weights become constants)
+  and ``torch.jit.optimize_for_inference`` (oneDNN convolutions, fused ops): fewer Python and dispatcher
+  calls per layer, which is most of the cost of a small-batch call on CPU;
+- ``compile``: ``torch.compile`` (inductor, ``dynamic=False``), only when asked for
+  (``compile=True`` or ``backend=[..., "compile"]``): on a 2-core CPU it costs tens of seconds per
+  shape, more than it saves in a typical eval.
+
+A graph backend runs the whole bucket (padding included) since its shape is fixed. Before it is used,
+its output on two inputs (the first call's real data and a random one) must equal eager's within
+``atol`` (1e-5); a backend that fails that check, raises, or runs out of the warm-up budget
+(``warmup_budget_s`` per shape) is dropped with a note (``stats.notes``, and a warning when it
+raised), and eager is the fallback. Warm-up time per shape is in ``stats.warmup_s``; call
+``warm_up(policy, batch)`` before a timed loop so that the first control step doesn't pay it.
+``backend="eager"`` keeps the plain path's results bit for bit; ``pad=True`` computes the padding on
+CPU too (the tests use it to exercise the bucketing as the GPU runs it): real rows then match the
+plain path to float32 rounding (~1e-6), and do not depend on the padding's content at all.
+
+    policy.enable_fast_path()                      # CUDA: graphs on; CPU: fastest backend per shape
+    policy.enable_fast_path(dtype="bfloat16")      # + autocast (CPU: eager backend only)
+    policy.enable_fast_path(backend="eager")       # CPU: bucketing only, bit-identical to the plain path
     policy.enable_fast_path(False)                 # plain path
     policy.fast_path = "auto"                      # the default: on for CUDA, off on CPU
 
 The graphs hold pointers to the model's parameters and to the buffers: loading weights in place
 (``load_state_dict``) is fine; moving the model (``.to(...)``) invalidates them and they are
-recaptured on the next call.
+recaptured on the next call. Frozen CPU graphs hold a copy of the weights: they are rebuilt when a
+parameter changes in place (its version counter moves) or moves.
 """
 
 from __future__ import annotations
 
+import time
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -49,6 +67,7 @@ DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
 }
 AUTO_PARALLEL_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # parallel samplers without a `window`
+CPU_BACKENDS = ("eager", "trace", "compile")
 
 
 def choose_bucket(k: int, buckets: Sequence[int]) -> Optional[int]:
@@ -87,6 +106,20 @@ def resolve_buckets(buckets: Any, sampler: Any = None) -> tuple[int, ...]:
     return tuple(sorted(set(values)))
 
 
+def resolve_backends(backend: Any, compile: Any = False) -> tuple[str, ...]:
+    """CPU backend candidates, in the order they are tried: ``"auto"`` is (eager, trace) plus compile
+    when ``compile`` asks for it; a name or a list of names from ``CPU_BACKENDS`` is taken as given
+    (eager is always measured too: it is the reference and the fallback)."""
+    if backend in (None, "auto"):
+        names = ["eager", "trace"] + (["compile"] if compile else [])
+    else:
+        names = [backend] if isinstance(backend, str) else list(backend)
+        bad = [b for b in names if b not in CPU_BACKENDS]
+        if bad or not names:
+            raise ValueError(f"backend must be 'auto' or a list of {list(CPU_BACKENDS)}, got {backend!r}")
+    return tuple(dict.fromkeys(["eager", *names]))
+
+
 def parse_dtype(dtype: Any) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
@@ -110,6 +143,8 @@ class _Runner:
     out: Optional[torch.Tensor] = None  # the graph's static output [rows, *event] (float32)
     cond_token: int = -1  # which wrap() call last filled `cond`
     padded: int = 0  # rows currently zeroed as padding (skip re-zeroing)
+    backend: Optional[str] = None  # CPU: the backend picked for this shape (None: not picked yet)
+    fn: Optional[Callable] = None  # CPU: the picked backend's callable (x, t, cond) -> out
 
 
 @dataclass
@@ -121,12 +156,21 @@ class FastPathStats:
     captures: int = 0  # CUDA graphs captured
     capture_failures: int = 0
     per_bucket: dict = field(default_factory=dict)
+    # CPU backend choice, per shape "K<bucket>xB<batch>": the backend, the warm-up seconds spent,
+    # every candidate's median ms at that shape (None: dropped), and why a candidate was dropped.
+    backends: dict = field(default_factory=dict)
+    warmup_s: dict = field(default_factory=dict)
+    candidates_ms: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return {"calls": self.calls, "rows": self.rows, "padded_rows": self.padded_rows,
                 "fallbacks": self.fallbacks, "captures": self.captures,
                 "capture_failures": self.capture_failures,
-                "per_bucket": {str(k): v for k, v in sorted(self.per_bucket.items())}}
+                "per_bucket": {str(k): v for k, v in sorted(self.per_bucket.items())},
+                "backends": dict(self.backends), "warmup_s": dict(self.warmup_s),
+                "warmup_s_total": sum(self.warmup_s.values()), "candidates_ms": dict(self.candidates_ms),
+                "notes": list(self.notes)}
 
 
 class FastPath:
@@ -143,12 +187,24 @@ class FastPath:
         fails), True (capture, raise on failure; an error off CUDA), False (never).
       dtype: "float32" (default), "bfloat16" or "float16": autocast of the model call; the output is
         cast back to the input's dtype (float32).
-      compile: False (default), True (torch.compile mode "default") or a torch.compile mode string.
-      warmup: eager calls on a side stream before a capture (default 2).
+      compile: False (default), True (torch.compile mode "default") or a torch.compile mode string. On
+        CPU it makes ``compile`` one more backend candidate (see ``backend``).
+      warmup: eager calls on a side stream before a capture (default 2); on CPU, untimed calls of each
+        backend candidate before it is timed.
+      backend (CPU only): "auto" (default: the faster of eager and trace, plus compile with
+        ``compile=True``, measured per shape), a list from ("eager", "trace", "compile") to measure
+        (eager is always one: the reference and the fallback), or one name to use that backend
+        without timing (still checked against eager; eager if it fails).
+      atol: the largest |difference| from eager a CPU backend may show at warm-up (default 1e-5).
+      timing_calls: timed calls per CPU backend candidate at warm-up (median taken; default 7).
+      warmup_budget_s: seconds of backend warm-up per shape after which no further candidate is
+        started (default 30; one that is running is not cut).
     """
 
     def __init__(self, *, buckets: Any = "auto", pad: Any = "auto", overflow: str = "fallback",
-                 cuda_graph: Any = "auto", dtype: Any = "float32", compile: Any = False, warmup: int = 2):
+                 cuda_graph: Any = "auto", dtype: Any = "float32", compile: Any = False, warmup: int = 2,
+                 backend: Any = "auto", atol: float = 1e-5, timing_calls: int = 7,
+                 warmup_budget_s: float = 30.0):
         if pad not in ("auto", True, False):
             raise ValueError(f"pad must be 'auto', true or false, got {pad!r}")
         if overflow not in ("fallback", "error"):
@@ -159,6 +215,17 @@ class FastPath:
             raise ValueError(f"warmup must be an integer >= 1, got {warmup!r}")
         if compile not in (False, True, None) and not isinstance(compile, str):
             raise ValueError(f"compile must be false, true or a torch.compile mode, got {compile!r}")
+        if isinstance(timing_calls, bool) or not isinstance(timing_calls, int) or timing_calls < 1:
+            raise ValueError(f"timing_calls must be an integer >= 1, got {timing_calls!r}")
+        if not float(atol) > 0 or not float(warmup_budget_s) > 0:
+            raise ValueError(f"atol and warmup_budget_s must be > 0, got {atol!r}, {warmup_budget_s!r}")
+        self.backend = backend if backend in (None, "auto") else (
+            backend if isinstance(backend, str) else list(backend))
+        self.backends = resolve_backends(backend, compile)
+        self.forced = backend if isinstance(backend, str) and backend != "auto" else None
+        self.atol = float(atol)
+        self.timing_calls = timing_calls
+        self.warmup_budget_s = float(warmup_budget_s)
         self.buckets = buckets if buckets in (None, "auto") else resolve_buckets(buckets)
         self.pad = pad
         self.overflow = overflow
@@ -176,7 +243,9 @@ class FastPath:
     def options(self) -> dict:
         return {"buckets": self.buckets if isinstance(self.buckets, str) or self.buckets is None
                 else list(self.buckets), "pad": self.pad, "overflow": self.overflow, "cuda_graph": self.cuda_graph,
-                "dtype": str(self.dtype).replace("torch.", ""), "compile": self.compile, "warmup": self.warmup}
+                "dtype": str(self.dtype).replace("torch.", ""), "compile": self.compile, "warmup": self.warmup,
+                "backend": self.backend or "auto", "atol": self.atol, "timing_calls": self.timing_calls,
+                "warmup_budget_s": self.warmup_budget_s}
 
     def reset(self) -> None:
         """Drop every buffer, graph and compiled function (they are rebuilt on the next call)."""
@@ -217,15 +286,23 @@ class FastPath:
 
     # ------------------------------------------------------------------ internals
     def _check_model(self, model: nn.Module) -> None:
-        """Buffers and graphs belong to one model at one place in memory; recapture if it moved."""
-        first = next(model.parameters())
-        key = (id(model), first.device, first.data_ptr())
+        """Buffers and graphs belong to one model at one place in memory; recapture if it moved. Frozen
+        CPU graphs copy the weights, so an in-place change of any parameter (its version) also counts."""
+        params = list(model.parameters())
+        first = params[0]
+        versions = 0
+        if first.device.type == "cpu":
+            try:
+                versions = sum(p._version for p in params)
+            except RuntimeError:  # inference tensors have no version counter (and cannot change in place)
+                versions = -1
+        key = (id(model), first.device, first.data_ptr(), versions)
         if key != self._model_key:
             self.reset()
             self._model_key = key
 
-    def _forward_fn(self, model: nn.Module) -> Callable:
-        if not self.compile:
+    def _forward_fn(self, model: nn.Module, device: Optional[torch.device] = None) -> Callable:
+        if not self.compile or (device is not None and device.type == "cpu"):  # CPU: compile is a backend candidate
             return model
         if self._compiled is None:
             mode = "default" if self.compile is True else str(self.compile)
@@ -234,7 +311,7 @@ class FastPath:
 
     def _call_model(self, model: nn.Module, runner: _Runner, rows: Optional[int] = None) -> torch.Tensor:
         """The model on the buffers' first ``rows`` rows (all of them by default)."""
-        forward = self._forward_fn(model)
+        forward = self._forward_fn(model, runner.x.device)
         x, t, cond = (runner.x, runner.t, runner.cond) if rows is None else (
             runner.x[:rows], runner.t[:rows], runner.cond[:rows])
         if self.dtype == torch.float32:
@@ -293,12 +370,117 @@ class FastPath:
                           f"running this shape eagerly", RuntimeWarning, stacklevel=3)
             runner.graph = False  # don't try again for this shape
 
+    # ------------------------------------------------------------------ CPU backends
+    def _build_backend(self, name: str, model: nn.Module, inputs: tuple) -> Callable:
+        """A callable (x, t, cond) -> out for backend ``name`` at the shape of ``inputs``."""
+        if name == "eager":
+            return model
+        if name == "trace":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape-to-int casts: shapes are static here
+                warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated in torch 2.x, still shipped
+                traced = torch.jit.trace(model, inputs, check_trace=False)
+                frozen = torch.jit.freeze(traced.eval())
+                try:
+                    return torch.jit.optimize_for_inference(frozen)
+                except Exception as err:  # oneDNN rewrites are an extra; the frozen graph alone still helps
+                    self.stats.notes.append(f"trace: optimize_for_inference failed ({type(err).__name__}: {err}), "
+                                            f"frozen graph kept")
+                    return frozen
+        if name == "compile":
+            mode = "default" if self.compile in (False, True, None) else str(self.compile)
+            return torch.compile(model, mode=mode, dynamic=False)
+        raise ValueError(f"unknown backend {name!r}")
+
+    def _select_backend(self, model: nn.Module, runner: _Runner, bucket: int, batch: int) -> None:
+        """Measure every candidate backend at this shape (the runner's buffers hold real inputs and
+        zero padding) and keep the fastest one that gives eager's output within ``atol``."""
+        shape = f"K{bucket}xB{batch}"
+        start = time.perf_counter()
+        inputs = (runner.x.clone(), runner.t.clone(), runner.cond.clone())
+        gen = torch.Generator(device=runner.x.device).manual_seed(0)
+        probe = (torch.randn(runner.x.shape, generator=gen, device=runner.x.device),
+                 torch.randint(0, 100, runner.t.shape, generator=gen, device=runner.x.device),
+                 torch.randn(runner.cond.shape, generator=gen, device=runner.x.device))
+        candidates = self.backends
+        if self.dtype != torch.float32 and len(candidates) > 1:
+            self.stats.notes.append(f"{shape}: dtype {self.dtype} runs eagerly under autocast (no trace / compile)")
+            candidates = ("eager",)
+        reference = [model(*inputs), model(*probe)]
+        timings: dict[str, Optional[float]] = {}
+        built: dict[str, Callable] = {}
+        for name in candidates:
+            if name != "eager" and time.perf_counter() - start > self.warmup_budget_s:
+                self.stats.notes.append(f"{shape}: {name} skipped, warm-up budget of {self.warmup_budget_s:g} s spent")
+                timings[name] = None
+                continue
+            try:
+                fn = self._build_backend(name, model, inputs)
+                for _ in range(max(self.warmup, 2)):  # TorchScript profiles its first runs, inductor compiles
+                    fn(*inputs)
+                if name != "eager":
+                    diff = max(float((fn(*args) - ref).abs().max()) for args, ref in zip((inputs, probe), reference))
+                    if not diff <= self.atol:  # NaN fails too
+                        self.stats.notes.append(f"{shape}: {name} dropped, max |difference| from eager "
+                                                f"{diff:.2e} > atol {self.atol:g}")
+                        timings[name] = None
+                        continue
+                built[name] = fn
+            except Exception as err:
+                if name == "eager":
+                    raise  # the model itself fails: nothing to fall back to
+                warnings.warn(f"fast path: backend {name} failed at {shape} ({type(err).__name__}: {err}); "
+                              f"trying the others, eager is the fallback", RuntimeWarning, stacklevel=4)
+                self.stats.notes.append(f"{shape}: {name} failed ({type(err).__name__}: {err})")
+                timings[name] = None
+        # Timed calls interleaved over the candidates, so that load on the machine hits them alike.
+        times: dict[str, list] = {name: [] for name in built}
+        for _ in range(0 if self.forced else self.timing_calls):
+            for name, fn in built.items():
+                tic = time.perf_counter()
+                fn(*inputs)
+                times[name].append(time.perf_counter() - tic)
+        for name, values in times.items():
+            timings[name] = float(sorted(values)[len(values) // 2]) * 1e3 if values else None
+        if self.forced:
+            best = self.forced if self.forced in built else "eager"
+        else:
+            best = min(built, key=lambda n: timings[n])
+        runner.backend, runner.fn = best, built[best]
+        self.stats.backends[shape] = best
+        self.stats.candidates_ms[shape] = timings
+        self.stats.warmup_s[shape] = time.perf_counter() - start
+
+    @torch.inference_mode()
+    def prepare(self, model: nn.Module, global_cond: torch.Tensor, event: Sequence[int], sampler: Any = None) -> dict:
+        """Warm up every bucket ``sampler`` uses (CPU: pick the backends) for conditioning
+        ``global_cond [B, G]`` and samples of shape ``event`` ([H, A]) before a timed loop. Returns
+        {shape: backend}. On CUDA nothing is done here (graphs are captured at the first call)."""
+        if global_cond.device.type != "cpu":
+            return {}
+        self._check_model(model)
+        batch = global_cond.shape[0]
+        gen = torch.Generator(device=global_cond.device).manual_seed(0)
+        for bucket in resolve_buckets(self.buckets, sampler):
+            x = torch.randn((bucket, batch, *event), generator=gen, device=global_cond.device)
+            runner, _ = self._runner(model, x, global_cond, bucket)
+            if runner.backend is None:
+                runner.x.copy_(x.reshape(runner.x.shape))
+                runner.t.copy_(torch.randint(0, 100, runner.t.shape, generator=gen, device=x.device))
+                runner.cond.view(bucket, batch, -1).copy_(global_cond)
+                runner.cond_token = -1  # the next call refills the conditioning
+                self._select_backend(model, runner, bucket, batch)
+        return dict(self.stats.backends)
+
     @torch.inference_mode()
     def _run(self, model, x, t, global_cond, bucket: int, token: int) -> torch.Tensor:
         k, batch = x.shape[0], x.shape[1]
         real = k * batch
         runner, new = self._runner(model, x, global_cond, bucket)
-        pads = self._pads(x.device)
+        cpu = x.device.type == "cpu"
+        # A CPU graph backend has the bucket's fixed shape; before the backend is picked, the buffers
+        # get the padding too, so that the candidates are measured at that shape.
+        pads = self._pads(x.device) or (cpu and runner.backend != "eager")
         # Inputs into the static buffers: real rows first (row k*B + b has t[k], cond[b], as in the
         # plain path), then padding (zeros at timestep 0) up to the bucket.
         runner.x[:real].copy_(x.reshape(real, *x.shape[2:]))
@@ -313,15 +495,23 @@ class FastPath:
             runner.t[real:].zero_()
         runner.padded = pad
 
-        if new and self._use_graph(x.device):
-            self._capture(model, runner)  # records the kernels; the replay below runs them
-        if runner.graph:
-            runner.graph.replay()
-            out = runner.out[:real].clone()  # the static output is overwritten by the next replay
-        elif pads:
-            out = self._call_model(model, runner)[:real]
+        if cpu and runner.backend is None:
+            self._select_backend(model, runner, bucket, batch)
+            if runner.backend == "eager":
+                pads = self._pads(x.device)  # eager runs the real rows only (bit-identical to the plain path)
+                pad = pad if pads else 0
+        if cpu and runner.backend != "eager":
+            out = runner.fn(runner.x, runner.t, runner.cond)[:real]  # fixed shape: the whole bucket
         else:
-            out = self._call_model(model, runner, rows=real)
+            if new and self._use_graph(x.device):
+                self._capture(model, runner)  # records the kernels; the replay below runs them
+            if runner.graph:
+                runner.graph.replay()
+                out = runner.out[:real].clone()  # the static output is overwritten by the next replay
+            elif pads:
+                out = self._call_model(model, runner)[:real]
+            else:
+                out = self._call_model(model, runner, rows=real)
         self.stats.calls += 1
         self.stats.rows += real
         self.stats.padded_rows += pad
@@ -379,3 +569,24 @@ def active_fast_path(policy: Any, device: Any = None) -> Optional[FastPath]:
             fast = _AUTO[policy.model] = FastPath()
         return fast
     return None
+
+
+def warm_up(policy: Any, batch_size: int = 1) -> dict:
+    """Warm the fast path of ``policy`` up for its sampler's buckets at ``batch_size`` observation
+    histories per call (CPU: measure and pick the backends), so that a timed loop doesn't pay for it.
+
+    Returns ``{"backends": {shape: backend}, "warmup_s": seconds spent now}``; empty for the plain
+    path and on CUDA (whose graphs are captured at the first call)."""
+    fast = active_fast_path(policy)
+    if fast is None:
+        return {}
+    if isinstance(batch_size, bool) or int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    cfg = policy.config
+    norm = policy.normalizer.obs
+    mid = ((norm.min + norm.max) / 2).to(policy.device)  # any valid observation: only shapes matter
+    obs = mid.expand(int(batch_size), cfg.n_obs_steps, cfg.obs_dim)
+    global_cond = norm.normalize(obs).flatten(1)
+    before = sum(fast.stats.warmup_s.values())
+    backends = fast.prepare(policy.model, global_cond, (cfg.horizon, cfg.action_dim), policy.sampler)
+    return {"backends": backends, "warmup_s": sum(fast.stats.warmup_s.values()) - before}

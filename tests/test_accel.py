@@ -1,12 +1,18 @@
-"""Denoiser fast path (parapolicy.accel): bucketing, padding, slicing, equality with the plain path.
+"""Denoiser fast path (parapolicy.accel): bucketing, padding, slicing, equality with the plain path,
+CPU backends (eager / TorchScript trace / torch.compile) picked per shape with a checked fallback.
 
-Everything runs on CPU (graph capture is skipped there); the last test needs CUDA.
+Everything runs on CPU (graph capture is skipped there); the last test needs CUDA. The torch.compile
+test takes a minute on 2 cores and runs when PARAPOLICY_TEST_COMPILE=1.
 """
+
+import os
+import warnings
+
 
 import pytest
 import torch
 
-from parapolicy.accel import FastPath, apply_fast_path, choose_bucket, resolve_buckets
+from parapolicy.accel import FastPath, apply_fast_path, choose_bucket, resolve_backends, resolve_buckets, warm_up
 from policy_synthetic import ACTION_DIM, OBS_DIM, tiny_policy
 
 torch.set_num_threads(1)
@@ -97,11 +103,11 @@ def test_padding_rows_do_not_affect_real_rows(policy):
 @pytest.mark.parametrize("name, options", [("ddpm", {}), ("paraddpm", {"window": 4, "tolerance": 0.1})])
 @pytest.mark.parametrize("buckets", ["auto", [8]])
 def test_fast_path_gives_the_plain_path_samples_bitwise(policy, name, options, buckets):
-    """The CPU default (pad='auto': real rows only) reproduces the plain path exactly."""
+    """The eager CPU backend (pad='auto': real rows only) reproduces the plain path exactly."""
     policy.set_sampler(name, 10, **options)
     policy.enable_fast_path(False)
     reference = plan(policy)
-    policy.enable_fast_path(buckets=buckets)
+    policy.enable_fast_path(buckets=buckets, backend="eager")
     fast = plan(policy)
     assert fast["rounds"] == reference["rounds"] and fast["model_evals"] == reference["model_evals"]
     assert torch.equal(fast["action_pred"], reference["action_pred"])
@@ -119,7 +125,7 @@ def test_padded_fast_path_matches_the_plain_path(policy, name, options):
     policy.set_sampler(name, 10, **options)
     policy.enable_fast_path(False)
     reference = plan(policy)
-    policy.enable_fast_path(buckets=[3, 8], pad=True)
+    policy.enable_fast_path(buckets=[3, 8], pad=True, backend="eager")
     fast = plan(policy)
     assert policy.fast_path.stats.padded_rows > 0
     assert fast["rounds"] == reference["rounds"]
@@ -138,7 +144,8 @@ def test_fast_path_modes(policy):
     with pytest.raises(ValueError):
         policy.enable_fast_path("auto", dtype="bf16")
     for bad in (dict(pad="yes"), dict(overflow="drop"), dict(cuda_graph="maybe"), dict(dtype="int8"),
-                dict(warmup=0), dict(buckets=[0])):
+                dict(warmup=0), dict(buckets=[0]), dict(backend="onnx"), dict(backend=[]),
+                dict(timing_calls=0), dict(atol=0)):
         with pytest.raises(ValueError):
             FastPath(**bad)
     policy.enable_fast_path(cuda_graph=True)  # impossible on CPU: fails at the call, before sampling
@@ -183,3 +190,133 @@ def test_cuda_graph_matches_eager():
         torch.testing.assert_close(fast["action_pred"], reference["action_pred"], rtol=0, atol=1e-3)
     stats = policy.fast_path.stats
     assert stats.captures == len(stats.per_bucket) and stats.capture_failures == 0  # one graph per bucket
+
+
+# ---------------------------------------------------------------------------------- CPU backends
+SAMPLERS = [("ddpm", {}), ("paraddpm", {"window": 4, "tolerance": 0.1})]
+
+
+def test_resolve_backends():
+    assert resolve_backends("auto") == ("eager", "trace")
+    assert resolve_backends("auto", compile=True) == ("eager", "trace", "compile")
+    assert resolve_backends("trace") == ("eager", "trace") and resolve_backends(["compile"]) == ("eager", "compile")
+
+
+@pytest.mark.parametrize("name, options", SAMPLERS)
+@pytest.mark.parametrize("backend", ["trace", "auto"])
+def test_cpu_backend_matches_eager(policy, name, options, backend):
+    """Sequential and parallel samplers: the traced + frozen graph (forced, or picked by measurement)
+    gives the plain path's rounds and samples within 1e-5, and every sampler shape got a backend."""
+    policy.set_sampler(name, 10, **options)
+    policy.enable_fast_path(False)
+    reference = plan(policy)
+    policy.enable_fast_path(backend=backend)
+    fast = plan(policy)
+    stats = policy.fast_path.stats
+    assert fast["rounds"] == reference["rounds"] and fast["model_evals"] == reference["model_evals"]
+    torch.testing.assert_close(fast["trajectory"], reference["trajectory"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(fast["action_pred"], reference["action_pred"], rtol=0, atol=1e-5)
+    assert set(stats.backends) == {f"K{b}xB3" for b in stats.per_bucket} and stats.notes == []
+    assert all(s > 0 for s in stats.warmup_s.values())
+    if backend == "trace":
+        assert set(stats.backends.values()) == {"trace"}
+        assert stats.padded_rows == sum(stats.per_bucket[b] * b for b in stats.per_bucket) * 3 - stats.rows
+    else:  # the fastest of the measured candidates, each timed
+        for shape, picked in stats.backends.items():
+            times = stats.candidates_ms[shape]
+            assert set(times) == {"eager", "trace"} and picked == min(times, key=times.get)
+
+
+def test_failing_backend_falls_back_to_eager(policy, monkeypatch):
+    """A backend that raises is dropped with a warning and a note; eager (bit-identical) runs instead."""
+    policy.set_sampler("paraddpm", 10, window=4, tolerance=0.1)
+    policy.enable_fast_path(False)
+    reference = plan(policy)
+    build = FastPath._build_backend
+
+    def broken(self, name, model, inputs):
+        if name == "trace":
+            raise RuntimeError("no TorchScript today")
+        return build(self, name, model, inputs)
+
+    monkeypatch.setattr(FastPath, "_build_backend", broken)
+    policy.enable_fast_path(backend="trace")
+    with pytest.warns(RuntimeWarning, match="backend trace failed"):
+        fast = plan(policy)
+    stats = policy.fast_path.stats
+    assert set(stats.backends.values()) == {"eager"} and stats.padded_rows == 0
+    assert any("no TorchScript today" in note for note in stats.notes)
+    assert torch.equal(fast["action_pred"], reference["action_pred"])
+
+
+def test_inexact_backend_is_dropped(policy, monkeypatch):
+    """A backend whose output differs from eager's by more than atol is not used."""
+    build = FastPath._build_backend
+
+    def off_by_a_bit(self, name, model, inputs):
+        fn = build(self, name, model, inputs)
+        return (lambda x, t, c: fn(x, t, c) + 1e-3) if name == "trace" else fn
+
+    monkeypatch.setattr(FastPath, "_build_backend", off_by_a_bit)
+    policy.set_sampler("ddpm", 4)
+    policy.enable_fast_path(False)
+    reference = plan(policy)
+    policy.enable_fast_path(backend="auto")
+    fast = plan(policy)
+    stats = policy.fast_path.stats
+    assert stats.backends == {"K1xB3": "eager"} and stats.candidates_ms["K1xB3"]["trace"] is None
+    assert any("trace dropped" in note and "1.00e-03" in note for note in stats.notes)
+    assert torch.equal(fast["action_pred"], reference["action_pred"])
+
+
+def test_warmup_budget_skips_candidates(policy):
+    policy.set_sampler("ddpm", 4)
+    policy.enable_fast_path(backend="auto", warmup_budget_s=1e-9)
+    plan(policy)
+    stats = policy.fast_path.stats
+    assert stats.backends == {"K1xB3": "eager"} and any("budget" in note for note in stats.notes)
+
+
+def test_warm_up_prepares_every_bucket_before_the_first_call(policy):
+    policy.set_sampler("paraddpm", 10, window=4, tolerance=0.1)
+    policy.enable_fast_path(False)
+    assert warm_up(policy, 3) == {}  # plain path: nothing to do
+    policy.enable_fast_path(backend="trace")
+    info = warm_up(policy, 3)
+    assert info["backends"] == {"K1xB3": "trace", "K4xB3": "trace"} and info["warmup_s"] > 0
+    spent = dict(policy.fast_path.stats.warmup_s)
+    policy.enable_fast_path(False)
+    reference = plan(policy, seed=5)
+    policy.fast_path = fast = FastPath(backend="trace")
+    warm_up(policy, 3)
+    spent = dict(fast.stats.warmup_s)
+    out = plan(policy, seed=5)  # no further warm-up, and the warm-up inputs left nothing behind
+    assert fast.stats.warmup_s == spent and warm_up(policy, 3)["warmup_s"] == 0
+    torch.testing.assert_close(out["action_pred"], reference["action_pred"], rtol=0, atol=1e-5)
+
+
+def test_frozen_graphs_are_rebuilt_when_weights_change_in_place():
+    """torch.jit.freeze copies the weights: an in-place update must not leave a stale graph."""
+    policy = tiny_policy()
+    policy.set_sampler("ddpm", 4)
+    policy.enable_fast_path(backend="trace")
+    plan(policy)
+    with torch.no_grad():
+        for p in policy.model.parameters():
+            p.mul_(1.01)
+    fast = plan(policy)
+    policy.enable_fast_path(False)
+    reference = plan(policy)
+    torch.testing.assert_close(fast["action_pred"], reference["action_pred"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(os.environ.get("PARAPOLICY_TEST_COMPILE") != "1",
+                    reason="torch.compile takes about a minute per shape on 2 cores; set PARAPOLICY_TEST_COMPILE=1")
+def test_compile_backend_matches_eager(policy):
+    policy.set_sampler("paraddpm", 6, window=2, tolerance=0.1)
+    policy.enable_fast_path(False)
+    reference = plan(policy, batch=1)
+    policy.enable_fast_path(backend="compile", warmup_budget_s=600)
+    fast = plan(policy, batch=1)
+    assert set(policy.fast_path.stats.backends.values()) == {"compile"}, policy.fast_path.stats.notes
+    torch.testing.assert_close(fast["action_pred"], reference["action_pred"], rtol=0, atol=1e-5)
