@@ -7,7 +7,8 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from parapolicy.bench import build_jobs, denoiser_networks, expand_sampler_names, twin_name
+from parapolicy.bench import (build_jobs, denoiser_networks, expand_sampler_names, headline, interpolate,
+                              predict_latency, twin_name)
 from policy_synthetic import learnable_hdf5, tiny_policy
 
 
@@ -44,16 +45,64 @@ def test_build_jobs_adds_missing_twins():
                    sampler_options={"paraddim": {"tolerance": 0.05}}, twins={"srds": "ddim"})
     phases = build_jobs(cfg, tiny_policy(), notes)
     jobs = {job.label: job for job in phases["samplers"]}
-    assert list(jobs) == ["paraddim", "ddpm", "srds", "ddim"]  # ddim added as paraddim's twin
-    assert jobs["paraddim"].twin == "ddim" and jobs["ddpm"].twin is None
-    assert jobs["srds"].name == "parasrdsddpm" and jobs["srds"].twin == "ddim"  # twins override by label
-    assert jobs["paraddim"].options["tolerance"] == 0.05 and jobs["paraddim"].policy.sampler.tolerance == 0.05
+    # 6 steps differ from every config file's (15 / 100): the labels say so
+    assert list(jobs) == ["paraddim-6", "ddpm-6", "srds-6", "ddim-6"]  # ddim added as paraddim's twin
+    assert jobs["paraddim-6"].twin == "ddim-6" and jobs["ddpm-6"].twin is None
+    assert jobs["srds-6"].name == "parasrdsddpm" and jobs["srds-6"].twin == "ddim-6"  # twins override by label
+    assert jobs["paraddim-6"].options["tolerance"] == 0.05 and jobs["paraddim-6"].policy.sampler.tolerance == 0.05
     assert all(job.steps == 6 and job.policy.sampler.num_inference_steps == 6 for job in jobs.values())
-    assert "window" not in jobs["ddim"].options  # only the options the twin takes
+    assert all(job.describe()["steps"] == 6 and job.fast == "off" for job in jobs.values())
+    assert "window" not in jobs["ddim-6"].options  # only the options the twin takes
     windows = {job.label: job for job in phases["windows"]}
-    assert list(windows) == ["paraddpm-w2", "paraddpm-w4", "ddpm"]  # one shared twin
-    assert [windows[f"paraddpm-w{w}"].policy.sampler.window for w in (2, 4)] == [2, 4]
-    assert any("added ddim" in n for n in notes)
+    assert list(windows) == ["paraddpm-6-w2", "paraddpm-6-w4", "ddpm-6"]  # one shared twin
+    assert [windows[f"paraddpm-6-w{w}"].policy.sampler.window for w in (2, 4)] == [2, 4]
+    assert any("added ddim-6" in n for n in notes)
+
+
+def test_labels_keep_config_steps_and_modes_pair_up():
+    """A sampler at its config file's schedule length keeps its bare name; with fast modes each job
+    has a +fast variant whose twin is the twin's +fast variant; tolerances sweep with windows."""
+    from parapolicy.accel import FastPath
+
+    policy = tiny_policy()
+    fast_policy = tiny_policy()
+    fast_policy.fast_path = FastPath()
+    cfg = tiny_cfg(samplers=["paraddim"], num_inference_steps=None, windows=[4], window_tolerances=[0.05, 0.2])
+    phases = build_jobs(cfg, policy, [], ("off", "on"), fast_policy)
+    jobs = {job.label: job for job in phases["samplers"]}
+    assert list(jobs) == ["paraddim", "ddim", "paraddim+fast", "ddim+fast"]  # 15 steps as in the yaml files
+    assert jobs["paraddim+fast"].twin == "ddim+fast" and jobs["paraddim+fast"].base == "paraddim"
+    assert jobs["paraddim+fast"].twin_base == "ddim" and jobs["paraddim"].twin_base == "ddim"
+    assert jobs["paraddim+fast"].policy.fast_path is fast_policy.fast_path and jobs["paraddim"].policy.fast_path is None
+    assert jobs["ddim"].steps == 15
+    labels = [job.label for job in phases["windows"]]
+    assert labels[:3] == ["paraddpm-w4-tol0.05", "paraddpm-w4-tol0.2", "ddpm"]
+    assert {job.options["tolerance"] for job in phases["windows"] if job.window} == {0.05, 0.2}
+
+
+def test_headline_and_latency_model():
+    """The honest speedup divides by the fastest twin variant; the model sums calls x per-call cost."""
+    def row(label, base, fast, p50, twin=None, twin_base=None, **extra):
+        return {"phase": "samplers", "label": label, "base_label": base, "fast_path": fast, "batch": 1,
+                "steps": 100, "window": None, "twin": twin, "latency_ms": {"p50": p50}, **extra}
+    rows = [row("ddpm", "ddpm", "off", 500.0), row("ddpm+fast", "ddpm", "on", 300.0),
+            row("paraddpm", "paraddpm", "off", 250.0, "ddpm", speedup=2.0, fastest_twin="ddpm+fast",
+                fastest_twin_p50_ms=300.0, speedup_vs_fastest_twin=1.2),
+            row("paraddpm+fast", "paraddpm", "on", 200.0, "ddpm+fast", speedup=1.5, fastest_twin="ddpm+fast",
+                fastest_twin_p50_ms=300.0, speedup_vs_fastest_twin=1.5)]
+    (h,) = headline(rows)
+    assert h["best"] == "paraddpm+fast" and h["fastest_twin"] == "ddpm+fast" and h["speedup"] == 1.5
+    assert h["eager_speedup"] == 2.0
+    curve = {1: 4.0, 4: 7.0, 16: 13.0}
+    assert interpolate(curve, 4) == 7.0 and interpolate(curve, 10) == pytest.approx(10.0)
+    assert interpolate(curve, 32) == pytest.approx(21.0)  # beyond the ends: the last segment's slope
+    den = [{"network": "checkpoint", "fast_path": f, "batch": 1, "k": k, "latency_ms": {"p50": v * (1 if f == "off" else 0.5)}}
+           for f in ("off", "on") for k, v in curve.items()]
+    eager = {"fast_path": "off", "batch": 1, "rounds_mean": 10.0, "model_evals_mean": 100.0}
+    assert predict_latency(eager, den) == pytest.approx(10 * 10.0)  # 10 rounds at mean K = 10
+    fast = {"fast_path": "on", "batch": 1, "rounds_mean": 3.0, "model_evals_mean": 30.0,
+            "calls_per_bucket": {"1": 1.0, "16": 2.0}}
+    assert predict_latency(fast, den) == pytest.approx(1 * 2.0 + 2 * 6.5)
 
 
 def test_full_size_network_is_optional():
@@ -66,47 +115,79 @@ def test_full_size_network_is_optional():
 
 
 def test_bench_cli_writes_bench_json(files, tmp_path):
+    """One tiny run: both modes of every sampler, the honest speedup, the window sweep, the model."""
     checkpoint, dataset = files
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "parapolicy.bench", f"checkpoint={checkpoint}", f"dataset={dataset}",
            "obs_source=dataset", "n_obs=4", "samplers=[ddpm,paraddpm,nosuch]", "num_inference_steps=6",
-           "repetitions=1", "warmup=1", "batch_sizes=[1]", "windows=[2]", "denoiser.k=[1,2]",
-           "denoiser.repetitions=1", "denoiser.warmup=1", "denoiser.full_size_down_dims=[16,32]",
-           "denoiser.full_size_step_embed_dim=16", "torch_threads=1", "progress_bar=false", f"out={out}",
-           f"hydra.run.dir={tmp_path / 'hydra'}"]
+           "repetitions=2", "warmup=1", "batch_sizes=[1]", "windows=[2]", "denoiser.k=[1,2,6]",
+           "denoiser.repetitions=1", "denoiser.warmup=1", "denoiser.full_size=true",
+           "denoiser.full_size_down_dims=[16,32]", "denoiser.full_size_step_embed_dim=16",
+           "torch_threads=1", "progress_bar=false", f"out={out}", f"hydra.run.dir={tmp_path / 'hydra'}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "speedup" in proc.stdout and "paraddpm" in proc.stdout
+    assert "speedup over the fastest sequential twin" in proc.stdout and "paraddpm-6+fast" in proc.stdout
 
     result = json.loads((out / "bench.json").read_text())
-    assert set(result) >= {"meta", "samplers", "windows", "denoiser", "notes"}
+    assert set(result) >= {"meta", "samplers", "windows", "denoiser", "notes", "headline"}
     meta = result["meta"]
-    assert meta["device"] == "cpu" and meta["torch_threads"] == 1 and meta["fast_path"] is None
+    assert meta["device"] == "cpu" and meta["torch_threads"] == 1 and meta["fast_path_modes"] == ["off", "on"]
+    assert meta["preset"] == "quick" and meta["duration_s"] > 0
+    fast_stats = meta["fast_path"]["stats"]
+    assert set(fast_stats["backends"]) == {"K1xB1", "K6xB1", "K2xB1"}  # ddpm, paraddpm (window 16 -> 6), window 2
+    assert set(fast_stats["backends"].values()) <= {"eager", "trace"} and fast_stats["warmup_s_total"] > 0
     assert meta["obs_source"].startswith("dataset") and meta["command"].startswith("python -m parapolicy.bench")
     assert any("nosuch" in note for note in result["notes"])
 
-    rows = {(r["label"], r["batch"]): r for r in result["samplers"]}
-    assert set(rows) == {("ddpm", 1), ("paraddpm", 1)}
-    seq, par = rows["ddpm", 1], rows["paraddpm", 1]
-    assert seq["rounds_mean"] == 6 and seq["model_evals_mean"] == 6 and seq["twin"] is None and seq["speedup"] is None
-    assert 1 <= par["rounds_mean"] <= 6 and par["twin"] == "ddpm" and par["deviation_vs_twin"]["max"] >= 0
-    for row in (seq, par):
+    rows = {r["label"]: r for r in result["samplers"]}
+    assert set(rows) == {"ddpm-6", "paraddpm-6", "ddpm-6+fast", "paraddpm-6+fast"}
+    for row in rows.values():
         lat = row["latency_ms"]
-        assert lat["n"] == 1 and len(row["latencies_ms"]) == 1 and 0 < lat["p50"] <= lat["p95"]
-        assert set(lat) >= {"p50", "p95", "mean"} and row["converged_fraction"] == 1.0
-    assert par["speedup"] == pytest.approx(seq["latency_ms"]["p50"] / par["latency_ms"]["p50"], rel=1e-12)
+        assert row["steps"] == 6 and row["batch"] == 1 and row["converged_fraction"] == 1.0
+        assert lat["n"] == 2 and len(row["latencies_ms"]) == 2 and 0 < lat["p50"] <= lat["p95"]
+        assert row["predicted_ms"] > 0
+    seq, par = rows["ddpm-6"], rows["paraddpm-6"]
+    seq_fast, par_fast = rows["ddpm-6+fast"], rows["paraddpm-6+fast"]
+    assert seq["rounds_mean"] == 6 and seq["model_evals_mean"] == 6 and seq["twin"] is None and seq["speedup"] is None
+    assert seq["fast_path"] == "off" and seq_fast["fast_path"] == "on" and seq_fast["fast_path_warmup_s"] > 0
+    assert seq_fast["calls_per_bucket"] == {"1": 6.0} and seq["calls_per_bucket"] is None
+    assert 1 <= par["rounds_mean"] <= 6 and par["twin"] == "ddpm-6" and par_fast["twin"] == "ddpm-6+fast"
+    assert par["deviation_vs_twin"]["max"] >= 0 and par_fast["deviation_vs_eager"]["max"] <= 1e-3
+    assert seq_fast["deviation_vs_eager"]["max"] <= 1e-3  # the fast path: eager within float rounding, amplified by 6 steps
+    p50 = {label: row["latency_ms"]["p50"] for label, row in rows.items()}
+    fastest = min(("ddpm-6", "ddpm-6+fast"), key=p50.get)
+    for row in (par, par_fast):  # same-mode speedup, and the honest one against the fastest twin
+        assert row["speedup"] == pytest.approx(p50[row["twin"]] / row["latency_ms"]["p50"], rel=1e-12)
+        assert row["fastest_twin"] == fastest
+        assert row["speedup_vs_fastest_twin"] == pytest.approx(p50[fastest] / row["latency_ms"]["p50"], rel=1e-12)
+    (top,) = [h for h in result["headline"] if h["phase"] == "samplers"]
+    assert top["sampler"] == "paraddpm-6" and top["best"] == min(("paraddpm-6", "paraddpm-6+fast"), key=p50.get)
+    assert top["speedup"] == pytest.approx(p50[fastest] / p50[top["best"]], rel=1e-12)
+    assert top["eager_speedup"] == pytest.approx(par["speedup"], rel=1e-12)
 
     windows = {r["label"]: r for r in result["windows"]}
-    assert set(windows) == {"paraddpm-w2", "ddpm"} and windows["paraddpm-w2"]["window"] == 2
-    w2 = windows["paraddpm-w2"]
-    assert w2["speedup"] == pytest.approx(windows["ddpm"]["latency_ms"]["p50"] / w2["latency_ms"]["p50"], rel=1e-12)
+    assert set(windows) == {"paraddpm-6-w2", "ddpm-6", "paraddpm-6-w2+fast", "ddpm-6+fast"}
+    w2 = windows["paraddpm-6-w2"]
+    assert w2["window"] == 2 and w2["speedup"] == pytest.approx(windows["ddpm-6"]["latency_ms"]["p50"] / w2["latency_ms"]["p50"], rel=1e-12)
     assert w2["model_evals_mean"] <= 2 * w2["rounds_mean"]
+    assert sum(windows["paraddpm-6-w2+fast"]["calls_per_bucket"].values()) == pytest.approx(w2["rounds_mean"])
 
-    den = {(r["network"], r["k"]): r for r in result["denoiser"]}
-    assert set(den) == {("checkpoint", 1), ("checkpoint", 2), ("full_size", 1), ("full_size", 2)}
-    for row in den.values():
+    den = {(r["network"], r["fast_path"], r["k"]): r for r in result["denoiser"]}
+    assert set(den) == {(n, f, k) for n in ("checkpoint", "full_size") for f in ("off", "on") for k in (1, 2, 6)}
+    for (net, mode, k), row in den.items():
         assert row["rows"] == row["k"] * row["batch"] and row["latency_ms"]["p50"] > 0
         assert row["per_eval_ms"] == pytest.approx(row["latency_ms"]["p50"] / row["k"])
-    assert den["checkpoint", 1]["throughput_gain"] == pytest.approx(1.0)
+        assert (row["backend"] in ("eager", "trace")) if mode == "on" else row["backend"] is None
+    assert den["checkpoint", "off", 1]["throughput_gain"] == pytest.approx(1.0)
     for name in ("latency_vs_batch.png", "latency_vs_window.png", "denoiser_vs_k.png"):
         assert (out / name).stat().st_size > 0
+
+
+def test_bench_single_mode_and_bad_fast_path(files, tmp_path):
+    from parapolicy.bench import fast_modes
+
+    cpu = __import__("torch").device("cpu")
+    assert fast_modes(OmegaConf.create({"fast_path": "auto"}), cpu) == ["off"]
+    assert fast_modes(OmegaConf.create({"fast_path": True}), cpu) == ["on"]
+    with pytest.raises(ValueError, match="fast_path"):
+        fast_modes(OmegaConf.create({"fast_path": "sometimes"}), cpu)

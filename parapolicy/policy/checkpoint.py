@@ -193,14 +193,18 @@ def load_policy(
     name_or_path: str | Path,
     sampler: str | None = None,
     device: str | torch.device = "cpu",
+    fast_path: Any = "auto",
     **sampler_options: Any,
 ) -> DiffusionPolicy:
     """Load a shipped policy ready for ``act()`` / ``predict_action()``.
 
     ``sampler`` picks a sampler by name (default: the checkpoint's, ddpm); ``sampler_options`` such as
-    ``num_inference_steps``, ``window``, ``tolerance`` go to ``make_sampler``.
+    ``num_inference_steps``, ``window``, ``tolerance`` go to ``make_sampler``. ``fast_path``: "auto"
+    (CUDA graphs on CUDA, plain path on CPU), "on" (also on CPU: the fastest backend per shape,
+    ``parapolicy.accel``) or "off".
     """
     policy = load_checkpoint(resolve_checkpoint(name_or_path), device=device)
+    policy.enable_fast_path(fast_path)
     if sampler is not None or sampler_options:
         steps = sampler_options.pop("num_inference_steps", None)
         if sampler is None or sampler == policy.sampler_name:
