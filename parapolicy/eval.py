@@ -11,6 +11,7 @@ Writes ``episodes.jsonl`` (a line per finished episode; ``resume=true`` continue
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from importlib import resources
 from pathlib import Path
@@ -59,8 +60,8 @@ def resolve_checkpoint(path: str) -> Path:
                             f"`python -m parapolicy.train env=...` or pass checkpoint=<folder>")
 
 
-def validate(cfg: DictConfig) -> tuple[Path, DictConfig | None]:
-    """Fail on bad values before any simulator starts."""
+def validate(cfg: DictConfig) -> tuple[Path, list["RunSpec"]]:
+    """Fail on bad values before any simulator starts; returns the checkpoint folder and the runs."""
     from parapolicy.envs.robosuite_env import get_task
 
     get_task(cfg.env.name)
@@ -73,21 +74,160 @@ def validate(cfg: DictConfig) -> tuple[Path, DictConfig | None]:
         raise ValueError(f"n_envs must be >= 1, got {cfg.n_envs}")
     if cfg.max_episode_steps is not None and int(cfg.max_episode_steps) < 1:
         raise ValueError(f"max_episode_steps must be >= 1, got {cfg.max_episode_steps}")
-    baselines = [sampler_config(str(name)) for name in baseline_names(cfg.baseline)]
-    return resolve_checkpoint(str(cfg.checkpoint)), baselines
+    checkpoint = resolve_checkpoint(str(cfg.checkpoint))
+    return checkpoint, plan_runs(cfg, checkpoint)
 
 
-def baseline_names(value) -> list[str]:
-    """``baseline``: a sampler name, a list of them, or null."""
+def baseline_names(value) -> list:
+    """``baseline``: one entry (a sampler name, ``name@steps`` or a dict), a list of them, or null."""
     if value in (None, "null", "none"):
         return []
-    if isinstance(value, str):
+    if isinstance(value, (str, dict, DictConfig)):
         return [value]
-    return [str(v) for v in value]
+    return list(value)
 
 
-def run_label(name: str, options: dict) -> str:
-    return f"{name}+warm" if options.get("warm_start") else name
+def run_label(name: str, options: dict, steps: int | None = None) -> str:
+    """``name``, ``name-<steps>`` when the schedule length is shown, ``+warm`` for warm starts."""
+    label = name if steps is None else f"{name}-{steps}"
+    return f"{label}+warm" if options.get("warm_start") else label
+
+
+@dataclasses.dataclass
+class RunSpec:
+    """One run of an eval (the sampler or a baseline): what it samples with and how it is labelled.
+
+    ``steps`` is the schedule length it runs; ``label`` shows it (``ddim-100``) whenever it differs from
+    the run's config file (``conf/sampler/<name>.yaml``) or from the sampler's. ``legacy_label`` is the
+    label earlier versions gave the same run (steps never shown), so ``resume=true`` reads their logs.
+    """
+
+    label: str
+    name: str
+    steps: int
+    options: dict
+    role: str  # "sampler" | "baseline"
+    legacy_label: str | None = None
+    timestep_spacing: str | None = None  # the spacing in use, once the sampler is built
+
+
+def parse_baseline(entry, num_train_timesteps: int) -> tuple[DictConfig, int | None]:
+    """One ``baseline`` entry -> (its sampler config, its own schedule length or None).
+
+    ``"ddim"``: the config with the sampler's schedule length (like for like); ``"ddim@15"``: 15 steps;
+    ``{name: ddim, num_inference_steps: 15, eta: 0.5}``: the config with these values on top (no
+    ``num_inference_steps``: the sampler's). Raises ValueError naming the entry on a bad step count.
+    """
+    if isinstance(entry, (dict, DictConfig)):
+        entry = OmegaConf.to_container(entry, resolve=True) if isinstance(entry, DictConfig) else dict(entry)
+        if "name" not in entry:
+            raise ValueError(f"baseline {entry!r}: a dict entry needs a 'name'")
+        b_cfg = OmegaConf.merge(sampler_config(str(entry["name"])), entry)
+        steps = entry.get("num_inference_steps")
+        text = f"baseline {entry!r}: num_inference_steps"
+    else:
+        name, _, steps = str(entry).partition("@")
+        b_cfg = sampler_config(name)
+        steps = steps if "@" in str(entry) else None
+        text = f"baseline {str(entry)!r}: the steps after '@'"
+    if steps is None:
+        return b_cfg, None
+    return b_cfg, check_steps(text, steps, num_train_timesteps)
+
+
+def check_steps(text: str, value, num_train_timesteps: int) -> int:
+    """A schedule length: an integer in [1, num_train_timesteps], else ValueError starting with ``text``."""
+    try:
+        steps = int(str(value).strip()) if not isinstance(value, bool) else None
+    except ValueError:
+        steps = None
+    if steps is None or not 1 <= steps <= num_train_timesteps:
+        raise ValueError(f"{text} must be an integer in [1, {num_train_timesteps}] (the checkpoint's "
+                         f"num_train_timesteps), got {value!r}")
+    return steps
+
+
+def config_steps(name: str) -> int | None:
+    """``num_inference_steps`` of ``conf/sampler/<name>.yaml`` (None: no such file, or null there)."""
+    if name not in available_samplers():
+        return None
+    return sampler_kwargs(sampler_config(name))[1]
+
+
+def _sampler_choice(cfg: DictConfig) -> str:
+    """The ``sampler=<file>`` config the run was started with (Hydra's choice), else the sampler's name."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        choice = HydraConfig.get().runtime.choices.get("sampler")
+        if choice:
+            return str(choice)
+    return str(cfg.sampler.name)
+
+
+def plan_runs(cfg: DictConfig, checkpoint: Path) -> list[RunSpec]:
+    """The sampler's run, then one per ``baseline`` entry, with labels and schedule lengths (the
+    checkpoint's ``config.json`` gives the defaults and the bound num_train_timesteps). Reads no weights.
+
+    A baseline inherits the sampler's ``timestep_spacing`` unless it sets one, so a like-for-like
+    comparison compares the same schedule.
+    """
+    from parapolicy.policy.checkpoint import read_config
+
+    saved = read_config(checkpoint)
+    num_train = int(saved["scheduler"]["num_train_timesteps"])
+    saved_steps = int((saved.get("sampler") or {}).get("num_inference_steps") or saved["policy"]["num_inference_steps"])
+    name, steps, options = sampler_kwargs(cfg.sampler)
+    if steps is not None:
+        steps = check_steps("sampler.num_inference_steps", steps, num_train)
+    steps = steps or saved_steps
+    default = config_steps(_sampler_choice(cfg)) or saved_steps
+    specs = [RunSpec(run_label(name, options, None if steps == default else steps), name, steps, options,
+                     "sampler", legacy_label=run_label(name, options))]
+    spacing = options.get("timestep_spacing") or (options.get("scheduler_kwargs") or {}).get("timestep_spacing")
+    for entry in baseline_names(cfg.baseline):
+        b_cfg, own_steps = parse_baseline(entry, num_train)
+        b_name, _, b_options = sampler_kwargs(b_cfg)
+        b_steps = steps if own_steps is None else own_steps
+        if spacing and not (b_options.get("timestep_spacing") or (b_options.get("scheduler_kwargs") or {}).get("timestep_spacing")):
+            b_options["timestep_spacing"] = spacing
+        source = str(entry["name"]) if isinstance(entry, (dict, DictConfig)) else str(entry).partition("@")[0]
+        b_default = config_steps(source)  # the steps of the config file the entry names, if any
+        shown = b_steps != steps or (b_default is not None and b_steps != b_default)
+        legacy = run_label(b_name, b_options) if b_steps == steps else None  # earlier versions: the sampler's steps
+        label = run_label(b_name, b_options, b_steps if shown else None)
+        taken = {spec.label for spec in specs}
+        if label in taken:  # the same sampler twice (e.g. sampler=ddim baseline=ddim)
+            label, i = f"{label}-baseline", 2
+            while label in taken:
+                label, i = f"{label.rsplit('-baseline', 1)[0]}-baseline{i}", i + 1
+        if legacy is not None and legacy in {spec.legacy_label for spec in specs}:
+            legacy = f"{legacy}-baseline"
+        specs.append(RunSpec(label, b_name, b_steps, b_options, "baseline", legacy))
+    return specs
+
+
+def relabel_legacy(episodes: list[dict], specs: list[RunSpec]) -> list[dict]:
+    """Log lines written before labels showed steps, renamed to today's labels (``resume=true`` on an
+    older run directory then continues it instead of running everything again)."""
+    labels = {spec.label for spec in specs}
+    rename = {spec.legacy_label: spec.label for spec in specs
+              if spec.legacy_label and spec.legacy_label != spec.label and spec.legacy_label not in labels}
+    return [{**ep, "run": rename[ep["run"]]} if ep.get("run") in rename else ep for ep in episodes]
+
+
+def build_runs(policy, specs: list[RunSpec]) -> dict:
+    """``{label: policy}``: the sampler's policy first, then each baseline on the same weights."""
+    from parapolicy.runner import with_sampler
+
+    runs = {specs[0].label: policy}
+    for spec in specs[1:]:
+        runs[spec.label] = with_sampler(policy, spec.name, spec.steps, **spec.options)
+    for spec in specs:
+        if runs[spec.label].sampler.num_inference_steps != spec.steps:  # plan and build must agree
+            raise RuntimeError(f"{spec.label}: planned {spec.steps} steps, built {runs[spec.label].sampler!r}")
+        spec.timestep_spacing = runs[spec.label].sampler.timestep_spacing
+    return runs
 
 
 def pick_device(name: str):
@@ -111,14 +251,22 @@ def read_episodes(path: Path) -> list[dict]:
     return episodes
 
 
-def summarize(episodes: list[dict], labels: list[str], baseline_label: str | None) -> dict:
+def summarize(episodes: list[dict], labels: list[str], baseline_label: str | None,
+              specs: list[RunSpec] | None = None) -> dict:
+    """Per-run summaries (``metrics.summarize_run`` plus, from ``specs``, each run's sampler, role,
+    ``steps`` and options) and the p50 speedup of the first run over ``baseline_label``."""
     from parapolicy.metrics import summarize_run
 
+    by_label = {spec.label: spec for spec in specs or []}
     runs = {}
     for label in labels:
         mine = sorted((ep for ep in episodes if ep["run"] == label), key=lambda ep: ep["episode"])
         if mine:
             runs[label] = summarize_run(mine)
+            if label in by_label:
+                spec = by_label[label]
+                runs[label].update(sampler=spec.name, role=spec.role, steps=spec.steps,
+                                   timestep_spacing=spec.timestep_spacing, options=spec.options)
     speedup = None
     if baseline_label and baseline_label in runs and labels[0] in runs:
         speedup = runs[baseline_label]["latency_ms"]["p50"] / runs[labels[0]]["latency_ms"]["p50"]
@@ -132,33 +280,34 @@ def run_eval(cfg: DictConfig, out_dir: Path) -> dict:
 
     from parapolicy.metrics import format_table, plot_latency
     from parapolicy.policy import load_policy
-    from parapolicy.runner import PolicyRunner, make_vector_env, with_sampler
+    from parapolicy.runner import PolicyRunner, make_vector_env
 
-    checkpoint, baseline_cfgs = validate(cfg)
+    if cfg.get("server"):  # closed loop through a running policy server (python -m parapolicy.serve)
+        from parapolicy.serving.remote_runner import run_remote_eval
+
+        return run_remote_eval(cfg, out_dir)
+    checkpoint, specs = validate(cfg)
     if cfg.torch_threads:
         torch.set_num_threads(int(cfg.torch_threads))
     device = pick_device(str(cfg.device))
     name, steps, options = sampler_kwargs(cfg.sampler)
-    policy = load_policy(str(checkpoint), sampler=name, device=str(device), num_inference_steps=steps, **options)
+    policy = load_policy(str(checkpoint), sampler=name, device=str(device), num_inference_steps=steps,
+                         fast_path=cfg.get("fast_path", "auto"), **options)  # baselines share it (one per network)
     if policy.config.obs_dim != _task_obs_dim(cfg.env.name):
         raise ValueError(f"checkpoint {checkpoint} expects obs_dim={policy.config.obs_dim}, env "
                          f"{cfg.env.name!r} gives {_task_obs_dim(cfg.env.name)}: wrong checkpoint for this env?")
 
-    label = run_label(name, options)
-    runs = {label: policy}
-    for b_cfg in baseline_cfgs:
-        b_name, _, b_options = sampler_kwargs(b_cfg)
-        b_label = run_label(b_name, b_options)
-        if b_label in runs:
-            b_label += "-baseline"
-        # baselines run the sampler's schedule length, so the comparison is like for like
-        runs[b_label] = with_sampler(policy, b_name, steps, **b_options)
+    runs = build_runs(policy, specs)  # labels and schedule lengths: plan_runs
+    from parapolicy.accel import warm_up
+
+    fast_path_warmup = {lbl: warm_up(p, int(cfg.n_envs)) for lbl, p in runs.items()}  # before any timed call
+    label = specs[0].label
     baseline_label = list(runs)[1] if len(runs) > 1 else None  # the speedup is against the first baseline
     shadow = runs[baseline_label] if cfg.shadow and baseline_label else None
 
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / "episodes.jsonl"
-    episodes = read_episodes(log_path) if cfg.resume else []
+    episodes = relabel_legacy(read_episodes(log_path), specs) if cfg.resume else []
     # keep only complete lines: a line cut by an interruption must not glue onto the next one
     log_path.write_text("".join(json.dumps(ep) + "\n" for ep in episodes))
     done = {(ep["run"], ep["episode"]) for ep in episodes}
@@ -199,7 +348,8 @@ def run_eval(cfg: DictConfig, out_dir: Path) -> dict:
                "sampler": OmegaConf.to_container(cfg.sampler, resolve=True), "sampler_label": label,
                "baseline": baseline_label, "baselines": list(runs)[1:],
                "seed": int(cfg.seed), "first_episode": first_episode, "n_envs": n_envs,
-               **summarize(episodes, list(runs), baseline_label)}
+               "fast_path": str(cfg.get("fast_path", "auto")), "fast_path_warmup": fast_path_warmup,
+               **summarize(episodes, list(runs), baseline_label, specs)}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     latencies = {label: [c["latency_ms"] for ep in episodes if ep["run"] == label for c in ep["calls"]]
                  for label in runs}

@@ -68,15 +68,16 @@ def summarize_run(episodes: Iterable[Mapping]) -> dict:
 
 
 def format_table(runs: Mapping[str, Mapping], speedup_p50: float | None = None) -> str:
-    """A fixed-width table of run summaries, one row per sampler."""
-    header = f"{'sampler':<22} {'success':>8} {'95% CI':>15} {'p50 ms':>9} {'p95 ms':>9} {'mean ms':>9} " \
-             f"{'rounds':>7} {'evals':>7} {'ctrl Hz':>8}"
+    """A fixed-width table of run summaries, one row per sampler (``steps``: its schedule length)."""
+    header = f"{'sampler':<22} {'steps':>5} {'success':>8} {'95% CI':>15} {'p50 ms':>9} {'p95 ms':>9} " \
+             f"{'mean ms':>9} {'rounds':>7} {'evals':>7} {'ctrl Hz':>8}"
     lines = [header, "-" * len(header)]
     for name, run in runs.items():
         lo, hi = run["success_ci95"]
         lat = run["latency_ms"]
+        steps = run.get("steps") or "-"  # the schedule length (summaries before it was recorded: -)
         lines.append(
-            f"{name:<22} {run['success_rate']:>8.2f} {f'[{lo:.2f}, {hi:.2f}]':>15} {lat['p50']:>9.1f} "
+            f"{name:<22} {steps:>5} {run['success_rate']:>8.2f} {f'[{lo:.2f}, {hi:.2f}]':>15} {lat['p50']:>9.1f} "
             f"{lat['p95']:>9.1f} {lat['mean']:>9.1f} {run['rounds_mean']:>7.1f} {run['model_evals_mean']:>7.1f} "
             f"{run['control_hz']:>8.1f}"
         )
