@@ -2,7 +2,8 @@
 
     python -m parapolicy.report multirun/eval/square/2026-11-22_10-00-00
 
-Reads every ``summary.json`` below the folder; prints one row per (run directory, sampler), and writes
+Reads every ``summary.json`` below the folder; prints one row per (run directory, sampler) with its
+schedule length (``steps``) and timestep spacing, and writes
 ``report.json`` and ``report.png`` (p50 speedup over the baseline and success rate, against
 tolerance, one line per sampler) into the folder.
 """
@@ -15,19 +16,31 @@ from collections import defaultdict
 from pathlib import Path
 
 
+def run_steps(run: dict, summary: dict, is_sampler: bool) -> int | None:
+    """A run's schedule length: recorded per run since labels show steps; in older summaries the
+    baselines ran the sampler's steps, which its config gives (null there: the checkpoint's, unknown)."""
+    if run.get("steps") is not None:
+        return int(run["steps"])
+    steps = (summary.get("sampler") or {}).get("num_inference_steps")
+    return None if steps is None else int(steps)
+
+
 def collect_rows(folder: Path) -> list[dict]:
     rows = []
     for path in sorted(folder.rglob("summary.json")):
         summary = json.loads(path.read_text())
         sampler_cfg = summary.get("sampler") or {}
         for label, run in summary["runs"].items():
-            is_sampler = label == summary.get("sampler_label", sampler_cfg.get("name"))
+            role = run.get("role") or ("sampler" if label == summary.get("sampler_label", sampler_cfg.get("name"))
+                                       else "baseline")
+            is_sampler = role == "sampler"
             rows.append({
                 "dir": str(path.parent.relative_to(folder)) or ".",
                 "env": summary.get("env"),
                 "sampler": label,
-                "role": "sampler" if is_sampler else "baseline",
-                "num_inference_steps": sampler_cfg.get("num_inference_steps"),
+                "role": role,
+                "num_inference_steps": run_steps(run, summary, is_sampler),
+                "timestep_spacing": run.get("timestep_spacing"),
                 "tolerance": sampler_cfg.get("tolerance") if is_sampler else None,
                 "window": sampler_cfg.get("window") if is_sampler else None,
                 "warm_start": sampler_cfg.get("warm_start") if is_sampler else None,
@@ -43,7 +56,7 @@ def collect_rows(folder: Path) -> list[dict]:
 
 
 def format_rows(rows: list[dict]) -> str:
-    header = (f"{'sampler':<16} {'role':<9} {'steps':>5} {'tol':>7} {'warm':>5} {'success':>8} {'95% CI':>15} "
+    header = (f"{'sampler':<18} {'role':<9} {'steps':>5} {'spacing':>8} {'tol':>7} {'warm':>5} {'success':>8} {'95% CI':>15} "
               f"{'p50 ms':>9} {'rounds':>7} {'evals':>7} {'speedup':>8}  dir")
     lines = [header, "-" * len(header)]
     for r in rows:
@@ -51,7 +64,7 @@ def format_rows(rows: list[dict]) -> str:
         tol = "-" if r["tolerance"] is None else f"{r['tolerance']:g}"
         warm = "-" if r["warm_start"] is None else ("yes" if r["warm_start"] else "no")
         speed = "-" if r["speedup_p50"] is None else f"{r['speedup_p50']:.2f}x"
-        lines.append(f"{r['sampler']:<16} {r['role']:<9} {r['num_inference_steps'] or '-':>5} {tol:>7} {warm:>5} "
+        lines.append(f"{r['sampler']:<18} {r['role']:<9} {r['num_inference_steps'] or '-':>5} {r['timestep_spacing'] or '-':>8} {tol:>7} {warm:>5} "
                      f"{r['success_rate']:>8.2f} {f'[{lo:.2f}, {hi:.2f}]':>15} {r['latency_p50_ms']:>9.1f} "
                      f"{r['rounds_mean']:>7.1f} {r['model_evals_mean']:>7.1f} {speed:>8}  {r['dir']}")
     return "\n".join(lines)
@@ -66,7 +79,8 @@ def plot_rows(rows: list[dict], path: Path) -> None:
     series = defaultdict(list)
     for r in rows:
         if r["role"] == "sampler" and r["tolerance"] is not None:
-            series[r["sampler"]].append(r)
+            steps = r["num_inference_steps"]  # in the legend, whether or not the label shows it
+            series[r["sampler"] if steps is None else f"{r['sampler']} ({steps} steps)"].append(r)
     fig, (speed_ax, success_ax) = plt.subplots(1, 2, figsize=(10, 4))
     for name, points in series.items():
         points.sort(key=lambda r: r["tolerance"])

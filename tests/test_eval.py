@@ -269,3 +269,26 @@ def test_baselines_with_their_own_steps_closed_loop(checkpoint, tmp_path):
     relabelled = read_lines(old / "episodes.jsonl")
     assert [ep["run"] for ep in relabelled] == [ep["run"] for ep in episodes if ep["run"] in legacy]  # none re-run
     assert [ep["calls"] for ep in relabelled] == [ep["calls"] for ep in old_lines]
+
+
+def test_report_shows_each_runs_steps(tmp_path):
+    """parapolicy.report: steps per run from summary.json (older summaries: the sampler's for all)."""
+    from parapolicy.report import collect_rows, format_rows
+
+    run = {"success_rate": 0.5, "success_ci95": [0.1, 0.9], "n_episodes": 2, "latency_ms": {"p50": 10.0},
+           "rounds_mean": 4.0, "model_evals_mean": 40.0}
+    new = {"env": "square", "sampler": {"name": "paraddpm", "num_inference_steps": 100, "tolerance": 0.1},
+           "sampler_label": "paraddpm", "speedup_p50": 2.0,
+           "runs": {"paraddpm": {**run, "steps": 100, "role": "sampler", "timestep_spacing": "leading"},
+                    "ddim-15": {**run, "steps": 15, "role": "baseline", "timestep_spacing": "trailing"}}}
+    old = {"env": "square", "sampler": {"name": "paraddim", "num_inference_steps": 15, "tolerance": 0.1},
+           "sampler_label": "paraddim", "speedup_p50": 1.5, "runs": {"paraddim": run, "ddim": run}}
+    for folder, summary in (("new", new), ("old", old)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "summary.json").write_text(json.dumps(summary))
+    rows = collect_rows(tmp_path)
+    assert [(r["sampler"], r["role"], r["num_inference_steps"]) for r in rows] == [
+        ("paraddpm", "sampler", 100), ("ddim-15", "baseline", 15), ("paraddim", "sampler", 15), ("ddim", "baseline", 15)]
+    table = format_rows(rows).splitlines()
+    assert table[0].split()[:4] == ["sampler", "role", "steps", "spacing"]
+    assert table[3].split()[:4] == ["ddim-15", "baseline", "15", "trailing"]
