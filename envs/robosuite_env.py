@@ -9,6 +9,7 @@ gripper -1 open / +1 close) at 20 Hz.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 
 import gymnasium as gym
@@ -62,6 +63,31 @@ def flatten_obs(raw: dict, obs_keys) -> np.ndarray:
     return np.concatenate(parts)
 
 
+# Start-up lines robosuite logs in every process that imports it, none about our tasks: no private macro
+# file (3 lines), optional robot models / whole-body IK not installed, the controller config it loads.
+_STARTUP_NOISE = ("private macro file", "setup_macros.py", "robosuite_models", "mink-based whole-body IK",
+                  "Loading controller configuration")
+
+
+class _DropStartupNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.WARNING or not any(text in record.getMessage() for text in _STARTUP_NOISE)
+
+
+def quiet_robosuite_logging() -> None:
+    """Print each robosuite log line once, without its start-up chatter. Call before importing robosuite.
+
+    robosuite logs through its own console handler (stderr) and also propagates to the root logger,
+    which Hydra gives a stdout handler: every line came twice, once in the eval table's stream. Its
+    logger stops propagating (its own handler still prints real warnings once, on stderr), and a filter
+    drops the start-up lines above (they do not depend on the task or the run).
+    """
+    logger = logging.getLogger("robosuite_logs")  # robosuite's DefaultLogger name; it adds handlers later
+    logger.propagate = False
+    if not any(isinstance(f, _DropStartupNoise) for f in logger.filters):
+        logger.addFilter(_DropStartupNoise())
+
+
 def robosuite_kwargs(spec: TaskSpec, seed: int | None) -> dict:
     """The ``suite.make`` arguments of our tasks (also stored as ``env_args`` in datasets)."""
     return dict(
@@ -94,6 +120,7 @@ class RobosuiteEnv(gym.Env):
     metadata = {"render_modes": []}
 
     def __init__(self, task: str = "square", max_episode_steps: int | None = None, model_seed: int = 0):
+        quiet_robosuite_logging()  # before robosuite's import-time warnings
         import robosuite as suite  # heavy import (numba JIT on first make), kept out of module import
 
         self.spec_task = get_task(task)
