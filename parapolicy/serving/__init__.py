@@ -1,0 +1,12 @@
+"""Policy server: a Diffusion Policy served over websockets + msgpack, dynamic batching across robots.
+
+    python -m parapolicy.serve checkpoint=square sampler=paraddpm port=8000   # the server
+    from parapolicy.client import RemotePolicy                                # the robot side
+
+``codec`` (msgpack with numpy arrays), ``protocol`` (messages, version), ``server`` (``PolicyServer``,
+``ServerThread``), ``remote_runner`` (closed-loop eval through a server).
+"""
+
+from parapolicy.serving.protocol import PROTOCOL_VERSION
+
+__all__ = ["PROTOCOL_VERSION"]

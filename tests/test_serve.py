@@ -1,0 +1,393 @@
+"""Policy server, client, batching, bad input, token, shutdown and a closed-loop episode through it.
+
+Servers are real: a ``PolicyServer`` on a free loopback port in a background thread (tiny policies), or
+``python -m parapolicy.serve`` as a subprocess for the SIGTERM test (shipped Square policy).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from parapolicy.client import RemotePolicy
+from parapolicy.serving.codec import CodecError, packb, unpackb
+from parapolicy.serving.server import PolicyServer, ServerThread
+from policy_synthetic import ACTION_DIM, OBS_DIM, tiny_policy
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def serve(policy, **options) -> ServerThread:
+    return ServerThread(PolicyServer(policy, "127.0.0.1", 0, **options))
+
+
+def connect_raw(url: str):
+    from websockets.sync.client import connect
+
+    ws = connect(url, compression=None, proxy=None, **connect_options(connect))
+    return ws
+
+
+def connect_options(connect) -> dict:
+    import inspect
+
+    return {"legacy": True} if "legacy" in inspect.signature(connect).parameters else {}
+
+
+def observations(policy, n: int, seed: int) -> np.ndarray:
+    """``[n, obs_dim]`` float32 observations inside the normaliser's range."""
+    gen = torch.Generator().manual_seed(seed)
+    low, high = policy.normalizer.obs.min, policy.normalizer.obs.max
+    return (low + torch.rand((n, policy.config.obs_dim), generator=gen) * (high - low)).numpy()
+
+
+def local_actions(policy, obs: np.ndarray, seed: int) -> np.ndarray:
+    """What the in-process control loop does: reset, seed torch, act() on every observation."""
+    policy.reset()
+    torch.manual_seed(seed)
+    return np.stack([policy.act(o) for o in obs])
+
+
+def raw_connect(url: str):
+    ws = connect_raw(url)
+    metadata = unpackb(ws.recv(timeout=10))
+    assert metadata["type"] == "metadata"
+    return ws, metadata
+
+
+# ---------------------------------------------------------------------------------------------- codec
+def test_codec_round_trip_and_refusals():
+    message = {"id": 3, "a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([True, False]),
+               "c": torch.ones(2, dtype=torch.float64), "d": np.int64(7), "e": [np.zeros(0, np.uint8)]}
+    back = unpackb(packb(message))
+    assert back["a"].dtype == np.float32 and np.array_equal(back["a"], message["a"])
+    assert back["b"].dtype == bool and back["c"].dtype == np.float64 and back["d"] == 7
+    assert back["e"][0].shape == (0,)
+    with pytest.raises(TypeError):
+        packb({"x": np.array(["text"])})
+    bad = [
+        (b"\xc1", "malformed msgpack"),
+        ({"__ndarray__": True, "dtype": "<f4", "shape": [3], "data": b"\0" * 4}, "needs 12"),
+        ({"__ndarray__": True, "dtype": "|O", "shape": [1], "data": b"\0" * 8}, "not allowed"),
+        ({"__ndarray__": True, "dtype": "<c8", "shape": [1], "data": b"\0" * 8}, "not allowed"),
+        ({"__ndarray__": True, "dtype": "<f4", "shape": [-1], "data": b""}, "non-negative"),
+        ({"__ndarray__": True, "dtype": "<f4", "shape": [0]}, "exactly the keys"),
+    ]
+    for payload, needle in bad:
+        raw = payload if isinstance(payload, bytes) else packb(payload)
+        with pytest.raises(CodecError, match=needle):
+            unpackb(raw)
+
+
+# ------------------------------------------------------------------------------- equality with local
+def test_remote_chunks_equal_the_local_shipped_policy():
+    from parapolicy import load_policy
+
+    from parapolicy.policy.checkpoint import resolve_checkpoint
+
+    policy = load_policy("square", sampler="ddim", num_inference_steps=4)
+    obs = observations(policy, 17, seed=0)
+    with serve(policy, checkpoint=resolve_checkpoint("square")) as server, RemotePolicy(server.url) as remote:
+        meta = remote.metadata
+        assert (meta["protocol"], meta["obs_dim"], meta["action_dim"], meta["n_action_steps"]) == (1, 23, 7, 8)
+        assert meta["obs_key_dims"] == [14, 3, 4, 2] and meta["sampler"]["name"] == "ddim"
+        assert len(meta["checkpoint"]["sha256"]) == 64 and meta["checkpoint"]["training"]["iterations"] > 0
+        remote.reset(seed=11)
+        got = []
+        for o in obs:
+            got.append(remote.act(o))
+            assert remote.last_info["replanned"] == (len(got) % 8 == 1)
+        # robosuite's own dict layout ('object-state') gives the same actions
+        remote.reset(seed=11)
+        splits = np.split(obs, np.cumsum(meta["obs_key_dims"])[:-1], axis=1)
+        keys = ["object-state", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos"]
+        got_dict = [remote.act({k: s[i] for k, s in zip(keys, splits)}) for i in range(len(obs))]
+    expected = local_actions(policy, obs, seed=11)
+    assert np.array_equal(np.stack(got), expected)  # same process and threads: bit for bit
+    assert np.array_equal(np.stack(got_dict), expected)
+
+
+def test_remote_warm_start_equals_local_and_robots_keep_separate_histories():
+    policy = tiny_policy(seed=1)
+    policy.set_sampler("paraddpm", 10, window=4, tolerance=0.1, warm_start=True)
+    obs_a, obs_b = observations(policy, 24, seed=1), observations(policy, 24, seed=2)
+    with serve(policy) as server, RemotePolicy(server.url) as a, RemotePolicy(server.url) as b:
+        a.reset(seed=5)
+        b.reset(seed=6)
+        got_a, got_b, warm = [], [], []
+        for oa, ob in zip(obs_a, obs_b):  # interleaved step by step
+            got_a.append(a.act(oa))
+            got_b.append(b.act(ob))
+            if a.last_info["replanned"]:
+                warm.append(a.last_info["warm"])
+    assert warm == [False, True, True]  # warm start from the second chunk on, per robot
+    assert np.array_equal(np.stack(got_a), local_actions(policy, obs_a, seed=5))
+    assert np.array_equal(np.stack(got_b), local_actions(policy, obs_b, seed=6))
+    assert not np.allclose(got_a, got_b)
+
+
+def run_robots(url: str, histories: np.ndarray, n_requests: int) -> tuple[list[np.ndarray], list[int]]:
+    """Robots r = 0..R-1 in threads, released together; robot r resets with seed 100 + r and sends
+    ``histories[r, k]`` as its k-th request. Returns per-robot [k, n_action_steps, A] and batch sizes."""
+    n_robots = len(histories)
+    clients = [RemotePolicy(url) for _ in range(n_robots)]
+    barrier = threading.Barrier(n_robots)
+    actions, batches = [[] for _ in range(n_robots)], []
+
+    def robot(r):
+        barrier.wait()
+        for k in range(n_requests):
+            reply = clients[r].infer(histories[r, k], reset=k == 0, seed=100 + r if k == 0 else None)
+            actions[r].append(reply["action"])
+            batches.append(reply["timing"]["batch"])
+
+    threads = [threading.Thread(target=robot, args=(r,)) for r in range(n_robots)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for c in clients:
+        c.close()
+    return [np.stack(a) for a in actions], batches
+
+
+def test_batching_gives_each_robot_its_unbatched_actions():
+    policy = tiny_policy(seed=2)
+    policy.set_sampler("ddpm", 10)  # stochastic: each robot's x_T and step noise come from its own generator
+    histories = observations(policy, 4 * 3 * 2, seed=3).reshape(4, 3, 2, OBS_DIM)  # 4 robots, 3 requests
+    with serve(policy, max_batch=4, max_wait_ms=2000) as server:
+        batched, sizes_on = run_robots(server.url, histories, 3)
+    with serve(policy, max_batch=4, max_wait_ms=0) as server:
+        alone, sizes_off = run_robots(server.url, histories, 3)
+    assert max(sizes_on) == 4 and set(sizes_off) == {1}
+    for r in range(4):
+        assert batched[r].shape == (3, 8, ACTION_DIM)
+        np.testing.assert_allclose(batched[r], alone[r], atol=1e-5, rtol=0)
+    assert not np.allclose(batched[0], batched[1], atol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def test_every_bad_input_gets_its_error_and_the_connection_stays_usable():
+    from websockets.exceptions import ConnectionClosed
+
+    policy = tiny_policy(seed=3)
+    policy.set_sampler("ddim", 3)
+    good = observations(policy, 1, seed=4)[0]
+    nan, inf = good.copy(), good.copy()
+    nan[3], inf[5] = np.nan, np.inf
+    cases = [
+        (b"\xc1\x00junk", "bad_message", None, "malformed msgpack"),
+        ("a text frame", "bad_message", None, "text frame"),
+        (packb([1, 2, 3]), "bad_request", None, "msgpack map"),
+        (packb({"obs": good}), "bad_request", None, "lacks 'id'"),
+        (packb({"id": [1], "obs": good}), "bad_request", None, "'id' must be"),
+        (packb({"id": 1, "obs": good, "observation": good}), "bad_request", 1, "unknown request keys"),
+        (packb({"id": 2, "type": "train", "obs": good}), "bad_request", 2, "unknown request type"),
+        (packb({"id": 3}), "bad_request", 3, "lacks 'obs'"),
+        (packb({"id": 4, "obs": good[:5]}), "bad_request", 4, "shape (23,)"),
+        (packb({"id": 5, "obs": np.zeros((2, 2, OBS_DIM), np.float32)}), "bad_request", 5, "shape"),
+        (packb({"id": 6, "obs": {"object": good[:14]}}), "bad_request", 6, "lacks keys"),
+        (packb({"id": 7, "obs": nan}), "bad_request", 7, "NaN or inf"),
+        (packb({"id": 8, "obs": inf}), "bad_request", 8, "NaN or inf"),
+        (packb({"id": 9, "obs": good, "seed": 3}), "bad_request", 9, "reset=true"),
+        (packb({"id": 10, "obs": good, "reset": True, "seed": -1}), "bad_request", 10, "'seed'"),
+        (packb({"id": 11, "obs": good, "reset": "yes"}), "bad_request", 11, "'reset'"),
+        (packb({"id": 12, "obs": good, "deadline_ms": -5}), "bad_request", 12, "deadline_ms"),
+        (packb({"id": 13, "obs": "pixels"}), "bad_request", 13, "obs must be"),
+        (packb({"id": 14, "obs": {"__ndarray__": True, "dtype": "<f4", "shape": [23], "data": b"\0" * 8}}),
+         "bad_message", None, "needs 92"),
+        (packb({"id": 15, "obs": {"__ndarray__": True, "dtype": "|O", "shape": [1], "data": b"\0" * 8}}),
+         "bad_message", None, "not allowed"),
+    ]
+    with serve(policy, max_message_bytes=4096) as server:
+        ws, _ = raw_connect(server.url)
+        for k, (raw, code, rid, needle) in enumerate(cases):
+            ws.send(raw)
+            reply = unpackb(ws.recv(timeout=10))
+            assert reply["type"] == "error" and reply["code"] == code and reply["id"] == rid, (k, reply)
+            assert needle in reply["error"], (k, reply)
+            ws.send(packb({"id": f"good-{k}", "obs": good, "reset": True, "seed": 1}))
+            ok = unpackb(ws.recv(timeout=10))
+            assert ok["type"] == "action" and ok["id"] == f"good-{k}" and ok["action"].shape == (8, ACTION_DIM)
+        # a message over max_message_bytes is a protocol violation: closed with 1009 and a reason
+        ws.send(packb({"id": 99, "obs": np.zeros(2000, np.float32)}))
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=10)
+        assert closed.value.rcvd.code == 1009
+        # a client that leaves mid-request costs nothing else
+        ws2, _ = raw_connect(server.url)
+        ws2.send(packb({"id": 1, "obs": good}))
+        ws2.close()
+        # the client checks observations before sending, as a local policy does; the server answers on
+        with RemotePolicy(server.url) as remote:
+            with pytest.raises(ValueError, match="NaN or inf"):
+                remote.act(nan)
+            with pytest.raises(ValueError, match="server rejected request"):
+                remote.infer(good[:4])
+            assert remote.act(good).shape == (ACTION_DIM,)
+        health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{server.server.port}/healthz", timeout=10).read())
+        assert health["status"] == "ok" and health["errors"] == len(cases) + 1
+    stats = server.server.stats
+    assert stats.errors == len(cases) + 1 and stats.requests == len(cases) + 2  # + the abandoned one + act()
+
+
+def test_deadline_is_flagged():
+    policy = tiny_policy(seed=4)
+    policy.set_sampler("ddim", 3)
+    obs = observations(policy, 1, seed=5)[0]
+    with serve(policy, deadline_ms=1e-3) as server, RemotePolicy(server.url) as remote:
+        late = remote.infer(obs, reset=True, seed=0)
+        relaxed = remote.infer(obs, deadline_ms=1e6)
+    assert late["timing"]["deadline_missed"] and late["timing"]["deadline_ms"] == 1e-3
+    assert not relaxed["timing"]["deadline_missed"] and "seed" not in relaxed  # the seed is echoed on resets only
+    assert late["seed"] == 0 and late["timing"]["server_ms"] >= late["timing"]["plan_ms"] > 0
+
+
+def test_token_is_required_before_any_work(monkeypatch):
+    monkeypatch.delenv("PARAPOLICY_TOKEN", raising=False)
+    policy = tiny_policy(seed=5)
+    policy.set_sampler("ddim", 3)
+    obs = observations(policy, 1, seed=6)[0]
+    with serve(policy, token="s3cret") as server:
+        with pytest.raises(PermissionError, match="token"):
+            RemotePolicy(server.url)
+        with pytest.raises(PermissionError, match="token"):
+            RemotePolicy(server.url, token="wrong")
+        assert server.server.stats.connections == 0  # refused in the handshake: no session, no model call
+        with RemotePolicy(server.url, token="s3cret") as remote:
+            assert remote.act(obs).shape == (ACTION_DIM,)
+        monkeypatch.setenv("PARAPOLICY_TOKEN", "s3cret")
+        with RemotePolicy(server.url) as remote:
+            assert remote.act(obs).shape == (ACTION_DIM,)
+        assert server.server.stats.connections == 2
+
+
+# ------------------------------------------------------------------------------------------ shutdown
+def test_cli_server_answers_in_flight_requests_on_sigterm(tmp_path):
+    """The CLI on the shipped policy (ddpm-100: a call takes long enough to be caught in flight)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-u", "-m", "parapolicy.serve", "checkpoint=square", "sampler=ddpm", "port=0",
+         "torch_threads=1", f"hydra.run.dir={tmp_path}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    try:
+        deadline = time.monotonic() + 120
+        url = None
+        while url is None and time.monotonic() < deadline and proc.poll() is None:
+            found = [m.group(1) for line in list(lines) if (m := re.search(r"listening on (ws://\S+)", line))]
+            url = found[0] if found else None
+            time.sleep(0.05)
+        assert url, "".join(lines)
+        health_url = url.replace("ws://", "http://") + "/healthz"
+        assert json.loads(urllib.request.urlopen(health_url, timeout=10).read())["status"] == "ok"
+
+        from parapolicy import load_policy
+
+        obs = observations(load_policy("square"), 1, seed=7)[0]
+        remote = RemotePolicy(url, timeout_s=120)
+        replies: list = []
+        worker = threading.Thread(target=lambda: replies.append(remote.infer(obs, reset=True, seed=3)))
+        worker.start()
+        while json.loads(urllib.request.urlopen(health_url, timeout=10).read())["inflight"] == 0:
+            assert worker.is_alive(), "request finished before it could be caught in flight"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        worker.join(120)
+        assert replies and replies[0]["action"].shape == (8, 7) and replies[0]["timing"]["rounds"] == 100
+        assert proc.wait(timeout=60) == 0
+        with pytest.raises(ConnectionError):  # the server closed this idle connection on its way out
+            remote.infer(obs)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = "".join(lines)
+    assert "served 1 requests in 1 batches" in out and "closed after 1 requests" in out
+
+
+def test_in_process_stop_answers_queued_requests():
+    policy = tiny_policy(seed=6)
+    policy.set_sampler("ddpm", 50)
+    histories = observations(policy, 3 * 2, seed=8).reshape(3, 2, OBS_DIM)
+    server = serve(policy, max_batch=1, max_wait_ms=0)  # no batching: the robots queue behind each other
+    clients = [RemotePolicy(server.url) for _ in range(3)]
+    replies: list = []
+    threads = [threading.Thread(target=lambda c=c, h=h: replies.append(c.infer(h, reset=True, seed=1)))
+               for c, h in zip(clients, histories)]
+    for t in threads:
+        t.start()
+    while server.server._inflight < 3:
+        time.sleep(0.001)
+    server.stop()
+    for t in threads:
+        t.join(30)
+    assert len(replies) == 3 and all(r["type"] == "action" for r in replies)
+    assert server.server.stats.requests == 3
+
+
+# ------------------------------------------------------------------------------------------ closed loop
+class Recorder(gym.Wrapper):
+    """Records every executed action."""
+
+    def __init__(self, env):
+        super().__init__(env)
+        self.actions = []
+
+    def step(self, action):
+        self.actions.append(np.array(action, dtype=np.float32, copy=True))
+        return self.env.step(action)
+
+
+@pytest.mark.slow
+def test_closed_loop_episode_through_the_server_reproduces_the_in_process_eval(tmp_path):
+    from hydra import compose, initialize_config_module
+
+    from parapolicy.envs import make_env
+    from parapolicy.eval import run_eval
+    from parapolicy.runner import PolicyRunner
+    from parapolicy.serving.remote_runner import run_episode
+
+    policy = tiny_policy(seed=7)  # Square's observation layout
+    policy.set_sampler("paraddpm", 10, window=4, tolerance=0.1, warm_start=True)
+    env = Recorder(make_env("square", max_episode_steps=20))
+    seed = 100003
+    with serve(policy) as server:
+        with RemotePolicy(server.url) as remote:
+            record = run_episode(env, remote, seed)
+        remote_actions, env.actions = list(env.actions), []
+
+        with initialize_config_module("parapolicy.conf", version_base=None):
+            cfg = compose("eval", overrides=[f"server={server.url}", "n_episodes=1", "max_episode_steps=9",
+                                             "progress_bar=false", "env=square"])
+        summary = run_eval(cfg, tmp_path)
+
+    vec = gym.vector.SyncVectorEnv([lambda: env], autoreset_mode=gym.vector.AutoresetMode.DISABLED)
+    (local,) = PolicyRunner(vec, policy).run_batch([seed])
+    vec.close()
+    assert record["length"] == local["length"] == 20 and len(record["calls"]) == 3
+    assert np.array_equal(np.stack(remote_actions), np.stack(env.actions))
+    assert [c["rounds"] for c in record["calls"]] == [c["rounds"] for c in local["calls"]]
+    assert [c["warm"] for c in record["calls"]] == [False, True, True]
+    assert all(c["latency_ms"] >= c["server_ms"] > 0 for c in record["calls"])
+
+    run = summary["runs"]["paraddpm+warm@server"]
+    assert run["n_episodes"] == 1 and run["n_calls"] == 2 and run["server_latency_ms"]["p50"] > 0
+    line = json.loads((tmp_path / "episodes.jsonl").read_text().splitlines()[0])
+    assert line["length"] == 9 and line["seed"] == 100000
