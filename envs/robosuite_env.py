@@ -115,21 +115,36 @@ class RobosuiteEnv(gym.Env):
     ``max_episode_steps`` (``truncated``); ``info["is_success"]`` reports the task's success check. A
     simulator error or a non-finite observation ends the episode with ``info["error"]`` instead of
     raising, so one unstable episode cannot take down a vector of environments.
+
+    ``render_mode="rgb_array"``: ``render()`` returns the view of ``camera`` (a robosuite camera name:
+    agentview, frontview, birdview, sideview, robot0_eye_in_hand, ...) as uint8 ``[H, W, 3]``, upright,
+    ``render_size`` = H = W or (H, W). Rendering is offscreen (robosuite's own renderer; pick the OpenGL
+    backend with ``MUJOCO_GL`` before robosuite is imported) and changes nothing in the simulation.
     """
 
-    metadata = {"render_modes": []}
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
 
-    def __init__(self, task: str = "square", max_episode_steps: int | None = None, model_seed: int = 0):
+    def __init__(self, task: str = "square", max_episode_steps: int | None = None, model_seed: int = 0,
+                 render_mode: str | None = None, camera: str = "agentview", render_size: int | tuple = 256):
         quiet_robosuite_logging()  # before robosuite's import-time warnings
         import robosuite as suite  # heavy import (numba JIT on first make), kept out of module import
 
         self.spec_task = get_task(task)
         self.max_episode_steps = int(max_episode_steps or self.spec_task.max_episode_steps)
+        if render_mode not in (None, "rgb_array"):
+            raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
+        self.render_mode, self.camera = render_mode, str(camera)
+        self.render_size = (int(render_size), int(render_size)) if isinstance(render_size, int) else tuple(render_size)
         # model_seed fixes construction-time randomness (Lift's cube size is drawn from env.rng in
         # suite.make), so that every instance builds the same model and reset(seed) alone decides.
         kwargs = robosuite_kwargs(self.spec_task, model_seed)
         self._make_kwargs = kwargs
-        self.robosuite_env = suite.make(**{k: v for k, v in kwargs.items() if k != "env_name"}, env_name=kwargs["env_name"])
+        make_kwargs = {k: v for k, v in kwargs.items() if k != "env_name"}
+        if render_mode == "rgb_array":  # images come from render(), never from observations
+            make_kwargs.update(has_offscreen_renderer=True, use_camera_obs=False)
+        self.robosuite_env = suite.make(**make_kwargs, env_name=kwargs["env_name"])
+        if render_mode == "rgb_array" and self.camera not in self.sim.model.camera_names:
+            raise ValueError(f"camera {self.camera!r} is not in {task}; cameras: {', '.join(self.sim.model.camera_names)}")
         dim = self.spec_task.obs_dim
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, shape=(dim,), dtype=np.float32)
         self.action_space = gym.spaces.Box(-1.0, 1.0, shape=(7,), dtype=np.float32)
@@ -161,6 +176,14 @@ class RobosuiteEnv(gym.Env):
             return obs, 0.0, True, truncated, {"is_success": False, "error": f"{type(err).__name__}: {err}"}
         success = bool(self.robosuite_env._check_success())
         return obs, float(reward), success, truncated, {"is_success": success}
+
+    def render(self):
+        """The current view of ``camera``, uint8 ``[H, W, 3]`` (``render_mode="rgb_array"``), else None."""
+        if self.render_mode != "rgb_array":
+            return None
+        height, width = self.render_size
+        frame = self.sim.render(width=width, height=height, camera_name=self.camera)
+        return np.ascontiguousarray(frame[::-1])  # OpenGL's rows run bottom-up
 
     # --- extras for experts, datasets and policies ----------------------------------------------
     @property

@@ -75,7 +75,28 @@ def validate(cfg: DictConfig) -> tuple[Path, list["RunSpec"]]:
     if cfg.max_episode_steps is not None and int(cfg.max_episode_steps) < 1:
         raise ValueError(f"max_episode_steps must be >= 1, got {cfg.max_episode_steps}")
     checkpoint = resolve_checkpoint(str(cfg.checkpoint))
-    return checkpoint, plan_runs(cfg, checkpoint)
+    specs = plan_runs(cfg, checkpoint)
+    validate_video(cfg)
+    return checkpoint, specs
+
+
+def validate_video(cfg: DictConfig) -> None:
+    """``video=true``: check its options and pick the OpenGL backend (sets MUJOCO_GL before robosuite
+    is imported here or in env workers); RuntimeError naming the missing library when none works."""
+    if not cfg.get("video"):
+        return
+    n_video, size = cfg.get("n_video_episodes", 2), cfg.get("video_size", 256)
+    if isinstance(n_video, bool) or not isinstance(n_video, int) or n_video < 1:
+        raise ValueError(f"n_video_episodes must be an integer >= 1, got {n_video!r}")
+    if isinstance(size, bool) or not isinstance(size, int) or not 64 <= size <= 1024 or size % 16:
+        raise ValueError(f"video_size must be a multiple of 16 in [64, 1024] (H.264 macro blocks), got {size!r}")
+    try:
+        import imageio_ffmpeg  # noqa: F401  (imageio's mp4 writer)
+    except ImportError:
+        raise ImportError('video=true writes mp4 with imageio-ffmpeg: pip install -e ".[video]"') from None
+    from parapolicy.video import select_gl_backend
+
+    select_gl_backend()
 
 
 def baseline_names(value) -> list:
@@ -342,6 +363,10 @@ def run_eval(cfg: DictConfig, out_dir: Path) -> dict:
     finally:
         bar.close()
         envs.close()
+    if cfg.get("video"):  # a replay with rendering, after the timed episodes (parapolicy/video.py)
+        from parapolicy.video import record_videos
+
+        record_videos(cfg, out_dir, runs, specs, episodes, wanted)
 
     episodes = [ep for ep in episodes if ep["episode"] in wanted]  # a resumed log may hold others
     summary = {"env": cfg.env.name, "checkpoint": str(checkpoint), "device": _device_name(device),

@@ -22,12 +22,12 @@ import numpy as np
 import torch
 
 
-def make_vector_env(task: str, n_envs: int, max_episode_steps: int | None = None) -> gym.vector.VectorEnv:
+def make_vector_env(task: str, n_envs: int, max_episode_steps: int | None = None, **env_kwargs) -> gym.vector.VectorEnv:
     """``n_envs`` tasks with autoreset off: in-process for one env (no IPC on the latency path),
-    in worker processes otherwise."""
+    in worker processes otherwise. ``env_kwargs`` go to every ``RobosuiteEnv`` (e.g. render_mode)."""
     from parapolicy.envs.robosuite_env import RobosuiteEnv
 
-    fns = [partial(RobosuiteEnv, task=task, max_episode_steps=max_episode_steps) for _ in range(n_envs)]
+    fns = [partial(RobosuiteEnv, task=task, max_episode_steps=max_episode_steps, **env_kwargs) for _ in range(n_envs)]
     mode = gym.vector.AutoresetMode.DISABLED
     if n_envs == 1:
         return gym.vector.SyncVectorEnv(fns, autoreset_mode=mode)
@@ -72,9 +72,14 @@ class PolicyRunner:
         _sync(device)
         return plan, (time.perf_counter() - start) * 1e3
 
-    def run_batch(self, seeds: list[int], on_episode: Callable[[int, dict], None] | None = None) -> list[dict]:
+    def run_batch(self, seeds: list[int], on_episode: Callable[[int, dict], None] | None = None,
+                  on_step: Callable[[list[int], list[dict]], None] | None = None) -> list[dict]:
         """Run one episode per env with ``seeds`` (``len(seeds) <= n_envs``). Returns per-episode
-        records: success, length, reward, error, wall_s and per-call measurements."""
+        records: success, length, reward, error, wall_s and per-call measurements.
+
+        ``on_step(rows, records)``: called after the reset and after every env step with the env rows
+        that took it and the records so far (e.g. to render a frame); never inside a timed policy call.
+        """
         n = len(seeds)
         if not 1 <= n <= self.n_envs:
             raise ValueError(f"need 1..{self.n_envs} seeds, got {n}")
@@ -89,11 +94,21 @@ class PolicyRunner:
         active = np.zeros(self.n_envs, dtype=bool)
         active[:n] = True
         started = time.perf_counter()
+        hook_s = 0.0  # time spent in on_step (rendering), kept out of wall_s and so out of control_hz
+
+        def call_hook(rows: list[int]) -> None:
+            nonlocal hook_s
+            if on_step is not None:
+                begin = time.perf_counter()
+                on_step(rows, records)
+                hook_s += time.perf_counter() - begin
+
+        call_hook(list(range(n)))
 
         def finish(i: int, error: str | None = None) -> None:
             active[i] = False
             records[i]["error"] = error
-            records[i]["wall_s"] = time.perf_counter() - started
+            records[i]["wall_s"] = time.perf_counter() - started - hook_s
             if on_episode is not None:
                 on_episode(i, records[i])
 
@@ -126,6 +141,7 @@ class PolicyRunner:
             for k in range(cfg.n_action_steps):
                 step_actions = np.zeros((self.n_envs, cfg.action_dim), dtype=np.float32)
                 step_actions[idx] = actions[:, k]
+                stepped = [int(i) for i in idx if active[i]]
                 obs, reward, terminated, truncated, info = self.envs.step(step_actions)
                 for i in idx:
                     if not active[i]:
@@ -138,6 +154,7 @@ class PolicyRunner:
                     error = info["error"][i] if "_error" in info and info["_error"][i] else None
                     if terminated[i] or truncated[i] or error:
                         finish(i, error or None)
+                call_hook(stepped)
                 if not active.any():
                     break
         return records[:n]
