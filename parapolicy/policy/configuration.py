@@ -18,10 +18,15 @@ class DiffusionPolicyConfig:
     obs_keys: list[str] = field(default_factory=list)  # concatenation order of robosuite obs keys
     env: str | None = None
     # Temporal structure (Diffusion Policy's defaults): predict `horizon` actions from
-    # `n_obs_steps` observations, execute `n_action_steps` of them starting at n_obs_steps - 1.
+    # `n_obs_steps` observations, execute `n_action_steps` of them starting at `action_start`.
     horizon: int = 16
     n_obs_steps: int = 2
     n_action_steps: int = 8
+    # DP's `oa_step_convention`: True (the default, DP's shipped configs) executes from index
+    # n_obs_steps - 1, False from n_obs_steps. `n_latency_steps` planned actions are skipped on top
+    # (DP's runner drops them). Both default to today's behaviour, so older config.json files load.
+    oa_step_convention: bool = True
+    n_latency_steps: int = 0
     # ConditionalUnet1D.
     down_dims: list[int] = field(default_factory=lambda: [64, 128, 256])
     kernel_size: int = 5
@@ -43,6 +48,10 @@ class DiffusionPolicyConfig:
         self.sampler_options = dict(self.sampler_options)
         if self.n_obs_steps < 1 or self.n_action_steps < 1:
             raise ValueError("n_obs_steps and n_action_steps must be >= 1")
+        if not isinstance(self.oa_step_convention, bool):
+            raise ValueError(f"oa_step_convention must be true or false, got {self.oa_step_convention!r}")
+        if self.n_latency_steps < 0:
+            raise ValueError(f"n_latency_steps must be >= 0, got {self.n_latency_steps}")
         if self.action_start + self.n_action_steps > self.horizon:
             raise ValueError(
                 f"horizon {self.horizon} too short to execute {self.n_action_steps} actions "
@@ -56,8 +65,9 @@ class DiffusionPolicyConfig:
 
     @property
     def action_start(self) -> int:
-        """Index of the first executed action in the predicted sequence (DP: n_obs_steps - 1)."""
-        return self.n_obs_steps - 1
+        """Index of the first executed action in the predicted sequence: DP's ``start`` (n_obs_steps - 1
+        with ``oa_step_convention``, else n_obs_steps) plus the ``n_latency_steps`` its runner skips."""
+        return self.n_obs_steps - (1 if self.oa_step_convention else 0) + self.n_latency_steps
 
     @property
     def global_cond_dim(self) -> int:

@@ -1,0 +1,10 @@
+"""Importers for policies trained elsewhere (``python -m parapolicy.convert``).
+
+- ``safe_pickle``: read torch / dill checkpoints without running pickled code.
+- ``diffusion_policy``: real-stanford/diffusion_policy low-dim U-Net workspace checkpoints.
+"""
+
+from parapolicy.importers.diffusion_policy import UnsupportedCheckpointError, convert_dp_checkpoint, read_dp_checkpoint
+from parapolicy.importers.safe_pickle import UnsafePickleError, safe_torch_load
+
+__all__ = ["UnsafePickleError", "UnsupportedCheckpointError", "convert_dp_checkpoint", "read_dp_checkpoint", "safe_torch_load"]
