@@ -1,0 +1,202 @@
+"""A stand-in for LeRobot's state-only ``DiffusionPolicy`` (lerobot cannot be installed here).
+
+Same public attributes and call structure as lerobot/policies/diffusion/modeling_diffusion.py (read from
+its source; written here independently): ``DiffusionPolicy.diffusion`` is a ``DiffusionModel`` with
+``config``, ``unet`` (``DiffusionConditionalUnet1d``: ``diffusion_step_encoder``, ``down_modules`` whose
+downsampler is a bare ``nn.Conv1d``, ``mid_modules``, ``up_modules`` with ``nn.ConvTranspose1d``,
+``final_conv``; residual blocks with ``conv1`` / ``cond_encoder`` / ``conv2`` / ``residual_conv`` and FiLM
+scale + bias when ``use_film_scale_modulation``), ``noise_scheduler`` (diffusers DDPM or DDIM) and
+``num_inference_steps``; ``conditional_sample`` is LeRobot's loop; ``select_action`` keeps LeRobot's queues.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+OBS_STATE, ACTION = "observation.state", "action"
+
+
+@dataclass
+class DiffusionConfig:
+    state_dim: int = 10
+    action_dim: int = 4
+    horizon: int = 16
+    n_obs_steps: int = 2
+    n_action_steps: int = 8
+    down_dims: tuple = (32, 64)
+    kernel_size: int = 5
+    n_groups: int = 8
+    diffusion_step_embed_dim: int = 32
+    use_film_scale_modulation: bool = True
+    noise_scheduler_type: str = "DDPM"
+    num_train_timesteps: int = 100
+    beta_schedule: str = "squaredcos_cap_v2"
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    prediction_type: str = "epsilon"
+    clip_sample: bool = True
+    clip_sample_range: float = 1.0
+    num_inference_steps: int | None = None
+    image_features: dict = field(default_factory=dict)
+    env_state_feature: None = None
+
+    @property
+    def action_feature(self):
+        return SimpleNamespace(shape=(self.action_dim,))
+
+    @property
+    def robot_state_feature(self):
+        return SimpleNamespace(shape=(self.state_dim,))
+
+
+class SinusoidalEmbedding(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.dim // 2
+        freqs = torch.exp(torch.arange(half, device=t.device) * -(math.log(10000) / (half - 1)))
+        angles = t.unsqueeze(-1) * freqs.unsqueeze(0)
+        return torch.cat((angles.sin(), angles.cos()), dim=-1)
+
+
+class DiffusionConv1dBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, kernel: int, groups: int = 8):
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv1d(c_in, c_out, kernel, padding=kernel // 2), nn.GroupNorm(groups, c_out), nn.Mish())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
+
+
+conv_block = DiffusionConv1dBlock
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, cond_dim: int, kernel: int, groups: int, film_scale: bool):
+        super().__init__()
+        self.use_film_scale_modulation, self.out_channels = film_scale, c_out
+        self.conv1 = conv_block(c_in, c_out, kernel, groups)
+        self.cond_encoder = nn.Sequential(nn.Mish(), nn.Linear(cond_dim, 2 * c_out if film_scale else c_out))
+        self.conv2 = conv_block(c_out, c_out, kernel, groups)
+        self.residual_conv = nn.Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(x)
+        film = self.cond_encoder(cond)[:, :, None]
+        if self.use_film_scale_modulation:
+            h = film[:, : self.out_channels] * h + film[:, self.out_channels :]
+        else:
+            h = h + film
+        return self.conv2(h) + self.residual_conv(x)
+
+
+class DiffusionConditionalUnet1d(nn.Module):
+    def __init__(self, config: DiffusionConfig, global_cond_dim: int):
+        super().__init__()
+        self.config = config
+        d = config.diffusion_step_embed_dim
+        self.diffusion_step_encoder = nn.Sequential(SinusoidalEmbedding(d), nn.Linear(d, 4 * d), nn.Mish(), nn.Linear(4 * d, d))
+        cond = d + global_cond_dim
+        dims = [config.action_feature.shape[0], *config.down_dims]
+        pairs = list(zip(dims[:-1], dims[1:]))
+        kw = dict(cond_dim=cond, kernel=config.kernel_size, groups=config.n_groups,
+                  film_scale=config.use_film_scale_modulation)
+        self.down_modules = nn.ModuleList(
+            nn.ModuleList([ResidualBlock(a, b, **kw), ResidualBlock(b, b, **kw),
+                           nn.Conv1d(b, b, 3, 2, 1) if i < len(pairs) - 1 else nn.Identity()])
+            for i, (a, b) in enumerate(pairs))
+        mid = config.down_dims[-1]
+        self.mid_modules = nn.ModuleList([ResidualBlock(mid, mid, **kw), ResidualBlock(mid, mid, **kw)])
+        self.up_modules = nn.ModuleList(
+            nn.ModuleList([ResidualBlock(2 * b, a, **kw), ResidualBlock(a, a, **kw), nn.ConvTranspose1d(a, a, 4, 2, 1)])
+            for a, b in reversed(pairs[1:]))
+        first = config.down_dims[0]
+        self.final_conv = nn.Sequential(conv_block(first, first, config.kernel_size), nn.Conv1d(first, dims[0], 1))
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, global_cond: torch.Tensor | None = None) -> torch.Tensor:
+        x = x.transpose(1, 2)
+        feature = self.diffusion_step_encoder(timestep)
+        if global_cond is not None:
+            feature = torch.cat([feature, global_cond], dim=-1)
+        skips = []
+        for res1, res2, down in self.down_modules:
+            x = res2(res1(x, feature), feature)
+            skips.append(x)
+            x = down(x)
+        for block in self.mid_modules:
+            x = block(x, feature)
+        for res1, res2, up in self.up_modules:
+            x = up(res2(res1(torch.cat([x, skips.pop()], dim=1), feature), feature))
+        return self.final_conv(x).transpose(1, 2)
+
+
+class DiffusionModel(nn.Module):
+    def __init__(self, config: DiffusionConfig):
+        super().__init__()
+        from diffusers import DDIMScheduler, DDPMScheduler
+
+        self.config = config
+        self.unet = DiffusionConditionalUnet1d(config, global_cond_dim=config.state_dim * config.n_obs_steps)
+        kind = {"DDPM": DDPMScheduler, "DDIM": DDIMScheduler}[config.noise_scheduler_type]
+        self.noise_scheduler = kind(
+            num_train_timesteps=config.num_train_timesteps, beta_start=config.beta_start, beta_end=config.beta_end,
+            beta_schedule=config.beta_schedule, clip_sample=config.clip_sample,
+            clip_sample_range=config.clip_sample_range, prediction_type=config.prediction_type)
+        self.num_inference_steps = config.num_inference_steps or self.noise_scheduler.config.num_train_timesteps
+
+    def conditional_sample(self, batch_size, global_cond=None, generator=None, noise=None):
+        param = next(iter(self.parameters()))
+        shape = (batch_size, self.config.horizon, self.config.action_feature.shape[0])
+        sample = noise if noise is not None else torch.randn(size=shape, dtype=param.dtype, device=param.device,
+                                                            generator=generator)
+        self.noise_scheduler.set_timesteps(self.num_inference_steps)
+        for t in self.noise_scheduler.timesteps:
+            t_batch = torch.full(sample.shape[:1], t, dtype=torch.long, device=sample.device)
+            out = self.unet(sample, t_batch, global_cond=global_cond)
+            sample = self.noise_scheduler.step(out, t, sample, generator=generator).prev_sample
+        return sample
+
+    def generate_actions(self, batch, noise=None):
+        batch_size, n_obs_steps = batch[OBS_STATE].shape[:2]
+        global_cond = batch[OBS_STATE].flatten(start_dim=1)
+        actions = self.conditional_sample(batch_size, global_cond=global_cond, noise=noise)
+        start = n_obs_steps - 1
+        return actions[:, start : start + self.config.n_action_steps]
+
+
+class DiffusionPolicy(nn.Module):
+    name = "diffusion"
+
+    def __init__(self, config: DiffusionConfig):
+        super().__init__()
+        self.config = config
+        self.diffusion = DiffusionModel(config)
+        self.reset()
+
+    def reset(self):
+        self._queues = {OBS_STATE: deque(maxlen=self.config.n_obs_steps), ACTION: deque(maxlen=self.config.n_action_steps)}
+
+    @torch.no_grad()
+    def predict_action_chunk(self, batch, noise=None):
+        batch = {k: torch.stack(list(self._queues[k]), dim=1) for k in batch if k in self._queues}
+        return self.diffusion.generate_actions(batch, noise=noise)
+
+    @torch.no_grad()
+    def select_action(self, batch, noise=None):
+        for key in (OBS_STATE,):
+            queue = self._queues[key]
+            if len(queue) == 0:
+                queue.extend([batch[key]] * queue.maxlen)
+            else:
+                queue.append(batch[key])
+        if len(self._queues[ACTION]) == 0:
+            self._queues[ACTION].extend(self.predict_action_chunk(batch, noise=noise).transpose(0, 1))
+        return self._queues[ACTION].popleft()
