@@ -7,6 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIP := $(VENV)/bin/pip
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.parapolicy-installed
+RAY_STAMP := $(VENV)/.parapolicy-ray-installed
 ARGS ?=
 
 .PHONY: setup run test collect train bench clean-venv
@@ -24,7 +25,12 @@ $(STAMP): pyproject.toml Makefile
 run: setup
 	$(PY) -m parapolicy.eval $(ARGS)
 
-test: setup
+# the tests also need the ray extra (tests/test_ray.py: ~240 MB installed, so `make run` goes without it)
+$(RAY_STAMP): $(STAMP)
+	$(PIP) install -q -e ".[test,ray]"
+	touch $(RAY_STAMP)
+
+test: setup $(RAY_STAMP)
 	$(PY) -m pytest -q $(ARGS)
 
 collect: setup

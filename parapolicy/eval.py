@@ -339,30 +339,26 @@ def run_eval(cfg: DictConfig, out_dir: Path) -> dict:
     wanted = range(first_episode, n_episodes)
     bar = tqdm(total=len(wanted) * len(runs), initial=len(done & {(r, e) for r in runs for e in wanted}),
                desc=f"eval {cfg.env.name}", unit="ep", disable=not cfg.progress_bar)
-    envs = make_vector_env(cfg.env.name, n_envs, cfg.max_episode_steps)
+    # executor=local: this process, runs interleaved batch by batch; executor=ray: Ray workers
+    from parapolicy.executors import make_executor
+
+    executor = make_executor(cfg, checkpoint, specs)
     try:
         with log_path.open("a") as log:
-            for first in range(first_episode, n_episodes, n_envs):
-                batch = list(range(first, min(first + n_envs, n_episodes)))
-                for run_label_, run_policy in runs.items():  # interleaved, so machine drift hits all alike
-                    todo = [e for e in batch if (run_label_, e) not in done]
-                    if not todo:
-                        continue
-                    runner = PolicyRunner(envs, run_policy, shadow=shadow if run_label_ == label else None)
 
-                    def record(i, rec, label=run_label_, todo=todo):
-                        line = {"run": label, "episode": todo[i], **rec}
-                        log.write(json.dumps(line) + "\n")
-                        log.flush()
-                        episodes.append(line)
-                        bar.update(1)
+            def record(run_label_, episode, rec):  # every finished episode, as it arrives
+                line = {"run": run_label_, "episode": episode, **rec}
+                log.write(json.dumps(line) + "\n")
+                log.flush()
+                episodes.append(line)
+                bar.update(1)
+                bar.set_postfix({lbl: f"{sum(ep['success'] for ep in episodes if ep['run'] == lbl)}"
+                                 f"/{sum(ep['run'] == lbl for ep in episodes)}" for lbl in runs})
 
-                    runner.run_batch([int(cfg.seed) + e for e in todo], on_episode=record)
-                    bar.set_postfix({lbl: f"{sum(ep['success'] for ep in episodes if ep['run'] == lbl)}"
-                                     f"/{sum(ep['run'] == lbl for ep in episodes)}" for lbl in runs})
+            executor.run(runs, label, shadow, wanted, done, int(cfg.seed), record)
     finally:
         bar.close()
-        envs.close()
+        executor.close()
     if cfg.get("video"):  # a replay with rendering, after the timed episodes (parapolicy/video.py)
         from parapolicy.video import record_videos
 
@@ -374,6 +370,7 @@ def run_eval(cfg: DictConfig, out_dir: Path) -> dict:
                "baseline": baseline_label, "baselines": list(runs)[1:],
                "seed": int(cfg.seed), "first_episode": first_episode, "n_envs": n_envs,
                "fast_path": str(cfg.get("fast_path", "auto")), "fast_path_warmup": fast_path_warmup,
+               **executor.describe(),
                **summarize(episodes, list(runs), baseline_label, specs)}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     latencies = {label: [c["latency_ms"] for ep in episodes if ep["run"] == label for c in ep["calls"]]
