@@ -140,6 +140,13 @@ def run_robots(url: str, observations: np.ndarray, n_robots: int, n_requests: in
     }
 
 
+def requests_per_robot(cfg: DictConfig, n_robots: int) -> int:
+    """``requests_per_robot``, capped so a row sends at most ``max_requests_per_row`` (at least 2 each)."""
+    n = int(cfg.requests_per_robot)
+    cap = cfg.get("max_requests_per_row")
+    return n if not cap else max(2, min(n, int(cap) // n_robots))
+
+
 def format_rows(rows: list[dict]) -> str:
     header = (f"{'sampler':<10} {'batching':>8} {'robots':>6} {'replies':>7} {'req/s':>7} {'p50 ms':>8} {'p95 ms':>8} "
               f"{'p99 ms':>8} {'srv p50':>8} {'batch':>6} {'lost':>5} {'misrt':>5} {'solo_dev':>9}")
@@ -184,7 +191,7 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict:
                     for k in range(int(cfg.warmup)):
                         warm.infer(observations[k % len(observations)], reset=k == 0, seed=0 if k == 0 else None)
                 for n in robots:
-                    row = run_robots(url, observations, n, int(cfg.requests_per_robot), int(cfg.seed),
+                    row = run_robots(url, observations, n, requests_per_robot(cfg, n), int(cfg.seed),
                                      float(cfg.timeout_s), tag)
                     row.update(sampler=sampler, batching=bool(batching))
                     rows.append(row)
