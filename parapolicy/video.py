@@ -138,20 +138,28 @@ def read_frames(path: Path) -> np.ndarray:
     return iio.imread(path, plugin="FFMPEG")
 
 
-def write_preview(frames: np.ndarray, path: Path, size: int = 160, every: int = 2, fps: int = 20) -> None:
-    """An animated GIF or WebP (by suffix) of every ``every``-th frame, resized to ``size`` px high."""
+def preview_indices(n_frames: int, every: int) -> list[int]:
+    """Every ``every``-th frame index, and always the last one (it shows the outcome)."""
+    indices = list(range(0, n_frames, every))
+    return indices if indices[-1] == n_frames - 1 else indices + [n_frames - 1]
+
+
+def write_preview(frames: np.ndarray, path: Path, size: int = 160, every: int = 2, fps: int = 20,
+                  hold_s: float = 1.5) -> None:
+    """An animated GIF or WebP (by suffix) of every ``every``-th frame and the last (held ``hold_s``),
+    resized to ``size`` px high."""
     from PIL import Image
 
-    images = [Image.fromarray(frame) for frame in frames[::every]]
+    images = [Image.fromarray(frames[i]) for i in preview_indices(len(frames), every)]
     width = round(images[0].width * size / images[0].height)
     images = [image.resize((width, size), Image.LANCZOS) for image in images]
-    duration = int(1000 * every / fps)
+    durations = [int(1000 * every / fps)] * (len(images) - 1) + [int(1000 * hold_s)]
     if Path(path).suffix.lower() == ".gif":  # one shared palette keeps the file small and stable
         palette = images[len(images) // 2].quantize(colors=128, method=Image.Quantize.MEDIANCUT)
         images = [image.quantize(palette=palette, dither=Image.Dither.NONE) for image in images]
-        images[0].save(path, save_all=True, append_images=images[1:], duration=duration, loop=0, optimize=True)
+        images[0].save(path, save_all=True, append_images=images[1:], duration=durations, loop=0, optimize=True)
     else:
-        images[0].save(path, save_all=True, append_images=images[1:], duration=duration, loop=0, quality=70)
+        images[0].save(path, save_all=True, append_images=images[1:], duration=durations, loop=0, quality=70)
 
 
 # ------------------------------------------------------------------------------------------ eval videos
@@ -292,14 +300,15 @@ def main(argv: list[str] | None = None) -> None:
     preview.add_argument("video", type=Path)
     preview.add_argument("out", type=Path, help="a .gif or .webp path")
     preview.add_argument("--size", type=int, default=160, help="height in pixels (default 160)")
-    preview.add_argument("--every", type=int, default=2, help="keep every n-th frame (default 2)")
+    preview.add_argument("--every", type=int, default=2, help="keep every n-th frame and the last (default 2)")
     preview.add_argument("--fps", type=int, default=20, help="frame rate of the source (default 20)")
     args = parser.parse_args(argv)
     if args.size < 16 or args.every < 1:
         parser.error("--size must be >= 16 and --every >= 1")
     frames = read_frames(args.video)
     write_preview(frames, args.out, size=args.size, every=args.every, fps=args.fps)
-    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB, {len(frames[::args.every])} frames)")
+    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB, "
+          f"{len(preview_indices(len(frames), args.every))} frames)")
 
 
 if __name__ == "__main__":

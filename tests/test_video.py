@@ -72,10 +72,12 @@ def test_preview_gif_from_an_eval_video(video_run, tmp_path):
     source = next((out / "videos").glob("ddpm-8_*.mp4"))
     gif = tmp_path / "preview.gif"
     proc = subprocess.run([sys.executable, "-m", "parapolicy.video", "preview", str(source), str(gif),
-                           "--size", "32", "--every", "2"], capture_output=True, text=True, timeout=120)
+                           "--size", "32", "--every", "3"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     with Image.open(gif) as image:
-        assert image.n_frames == (1 + STEPS + 1) // 2 and image.height == 32
+        assert image.n_frames == 5 and image.height == 32  # frames 0, 3, 6, 9 and the last, 10
+        image.seek(image.n_frames - 1)
+        assert image.info["duration"] == 1500  # the outcome frame is held
 
 
 @pytest.mark.parametrize("override, message", [
