@@ -3,10 +3,12 @@
     python -m parapolicy.convert path/to/epoch=0100.ckpt --out checkpoints/dp_square [--weights ema|model]
     python -m parapolicy.eval checkpoint=checkpoints/dp_square env=square
 
-SOURCE is a real-stanford/diffusion_policy workspace checkpoint (``.ckpt``) of the low-dim U-Net policy.
-It is read without running any code it contains (a restricted unpickler: tensors, plain containers and
-inert OmegaConf config objects only); a file that asks for anything else is refused and nothing is
-written. See ``parapolicy.importers.diffusion_policy`` for what is supported and refused.
+SOURCE is a real-stanford/diffusion_policy workspace checkpoint (``.ckpt``) of the low-dim U-Net policy,
+or a LeRobot state-only diffusion checkpoint folder (``save_pretrained``: config.json, model.safetensors,
+normaliser statistics; see ``parapolicy.importers.lerobot``). A ``.ckpt`` is read without running any
+code it contains (a restricted unpickler: tensors, plain containers and inert OmegaConf config objects
+only); a file that asks for anything else is refused and nothing is written. See
+``parapolicy.importers.diffusion_policy`` for what is supported and refused.
 """
 
 from __future__ import annotations
@@ -21,7 +23,12 @@ def convert(source: str | Path, out: str | Path, weights: str | None = None, ove
     """Convert ``source`` into the checkpoint folder ``out``; returns ``out``."""
     source = Path(source)
     if source.is_dir():
-        raise ValueError(f"{source} is a folder; expected a Diffusion Policy workspace .ckpt file")
+        from parapolicy.importers.lerobot import convert_lerobot_checkpoint, is_lerobot_folder
+
+        if not is_lerobot_folder(source):
+            raise ValueError(f"{source} is a folder but not a LeRobot diffusion checkpoint (config.json with "
+                             f"type 'diffusion' + model.safetensors); a Diffusion Policy checkpoint is a .ckpt file")
+        return convert_lerobot_checkpoint(source, out, overwrite=overwrite)
     from parapolicy.importers.diffusion_policy import convert_dp_checkpoint
 
     return convert_dp_checkpoint(source, out, weights=weights, overwrite=overwrite)
@@ -29,7 +36,7 @@ def convert(source: str | Path, out: str | Path, weights: str | None = None, ove
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m parapolicy.convert", description=__doc__.splitlines()[0])
-    parser.add_argument("source", help="Diffusion Policy workspace checkpoint (.ckpt)")
+    parser.add_argument("source", help="Diffusion Policy workspace checkpoint (.ckpt) or LeRobot diffusion folder")
     parser.add_argument("--out", required=True, help="output checkpoint folder (created; must be empty)")
     parser.add_argument("--weights", choices=("ema", "model"), default=None,
                         help="which weights to export (default: ema if the run trained with EMA, else model)")
@@ -42,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     config = json.loads((out / "config.json").read_text())
     policy, origin = config["policy"], config["training"]["converted_from"]
-    print(f"wrote {out}: {origin['weights']} weights of {origin['source']} (sha256 {origin['sha256'][:12]}...), "
+    weights = origin.get("weights", "the")
+    print(f"wrote {out}: {weights} weights of {origin['source']} (sha256 {origin['sha256'][:12]}...), "
           f"obs_dim {policy['obs_dim']}, action_dim {policy['action_dim']}, horizon {policy['horizon']}, "
           f"down_dims {policy['down_dims']}, {config['num_parameters']:,} parameters, sampler "
           f"{policy['sampler']}-{policy['num_inference_steps']}, env {policy['env']}")

@@ -200,3 +200,80 @@ class DiffusionPolicy(nn.Module):
         if len(self._queues[ACTION]) == 0:
             self._queues[ACTION].extend(self.predict_action_chunk(batch, noise=noise).transpose(0, 1))
         return self._queues[ACTION].popleft()
+
+
+# ------------------------------------------------------------------------ save_pretrained, LeRobot style
+def save_pretrained(policy: DiffusionPolicy, folder, stats: dict, modes: dict | None = None, legacy: bool = False):
+    """Write ``folder`` as LeRobot's ``save_pretrained`` + processor ``save_pretrained`` lay it out.
+
+    ``stats``: {feature: {stat: tensor}}; ``modes``: normalization_mapping (STATE / ACTION -> MIN_MAX ...).
+    ``legacy``: statistics as ``normalize_inputs`` / ``unnormalize_outputs`` buffers in model.safetensors
+    (LeRobot < 0.4) instead of processor files.
+    """
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = policy.config
+    modes = {"VISUAL": "MEAN_STD", "STATE": "MIN_MAX", "ACTION": "MIN_MAX", **(modes or {})}
+    config = {
+        "type": "diffusion",
+        "n_obs_steps": cfg.n_obs_steps,
+        "input_features": {OBS_STATE: {"type": "STATE", "shape": [cfg.state_dim]}},
+        "output_features": {ACTION: {"type": "ACTION", "shape": [cfg.action_dim]}},
+        "device": "cpu",
+        "normalization_mapping": modes,
+        "horizon": cfg.horizon,
+        "n_action_steps": cfg.n_action_steps,
+        "drop_n_last_frames": cfg.horizon - cfg.n_action_steps - cfg.n_obs_steps + 1,
+        "down_dims": list(cfg.down_dims),
+        "kernel_size": cfg.kernel_size,
+        "n_groups": cfg.n_groups,
+        "diffusion_step_embed_dim": cfg.diffusion_step_embed_dim,
+        "use_film_scale_modulation": cfg.use_film_scale_modulation,
+        "noise_scheduler_type": cfg.noise_scheduler_type,
+        "num_train_timesteps": cfg.num_train_timesteps,
+        "beta_schedule": cfg.beta_schedule,
+        "beta_start": cfg.beta_start,
+        "beta_end": cfg.beta_end,
+        "prediction_type": cfg.prediction_type,
+        "clip_sample": cfg.clip_sample,
+        "clip_sample_range": cfg.clip_sample_range,
+        "num_inference_steps": cfg.num_inference_steps,
+        "compile_model": False,
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=4))
+    tensors = {k: v.contiguous() for k, v in policy.state_dict().items()}
+    if legacy:
+        for prefix, feature in (("normalize_inputs", OBS_STATE), ("normalize_targets", ACTION), ("unnormalize_outputs", ACTION)):
+            for stat, value in stats[feature].items():
+                tensors[f"{prefix}.buffer_{feature.replace('.', '_')}.{stat}"] = value.float().clone().contiguous()
+    save_file(tensors, str(folder / "model.safetensors"))
+    if legacy:
+        return folder
+    features = {OBS_STATE: {"type": "STATE", "shape": [cfg.state_dim]}, ACTION: {"type": "ACTION", "shape": [cfg.action_dim]}}
+    flat = {f"{feature}.{stat}": value.float().contiguous() for feature, group in stats.items() for stat, value in group.items()}
+    for name, step, registry in (("policy_preprocessor", 2, "normalizer_processor"),
+                                 ("policy_postprocessor", 0, "unnormalizer_processor")):
+        state_file = f"{name}_step_{step}_{registry}.safetensors"
+        steps = [{"registry_name": "rename_observations_processor", "config": {"rename_map": {}}}] if step else []
+        steps += [{"registry_name": "to_batch_processor", "config": {}}] if step else []
+        steps.append({"registry_name": registry, "config": {"eps": 1e-8, "features": features,
+                                                             "norm_map": {k: v for k, v in modes.items()}},
+                      "state_file": state_file})
+        (folder / f"{name}.json").write_text(json.dumps({"name": name, "steps": steps}, indent=4))
+        save_file(flat, str(folder / state_file))
+    return folder
+
+
+def lerobot_normalize(x, group: dict, mode: str, eps: float = 1e-8, inverse: bool = False):
+    """LeRobot's NormalizerProcessorStep transform for one feature (MIN_MAX / MEAN_STD)."""
+    if mode == "MEAN_STD":
+        denom = group["std"] + eps
+        return x * denom + group["mean"] if inverse else (x - group["mean"]) / denom
+    denom = group["max"] - group["min"]
+    denom = torch.where(denom == 0, torch.tensor(eps, dtype=x.dtype), denom)
+    return (x + 1) / 2 * denom + group["min"] if inverse else 2 * (x - group["min"]) / denom - 1

@@ -115,3 +115,60 @@ def test_bad_inputs_are_refused():
     with pytest.raises(ValueError, match="does not take"):
         accelerate(policy, "paraddpm", no_such_option=1)
     assert not is_accelerated(policy)
+
+
+# --------------------------------------------------------------- LeRobot checkpoint folder -> parapolicy
+@pytest.mark.parametrize("legacy, modes", [(False, {}), (True, {"STATE": "MEAN_STD"})])
+def test_lerobot_checkpoint_converts_to_the_same_actions(tmp_path, legacy, modes):
+    from lerobot_standin import ACTION, lerobot_normalize, save_pretrained
+
+    from parapolicy.convert import main
+    from parapolicy.policy import load_policy
+
+    policy = make_policy(num_inference_steps=10)
+    g = gen(0)
+    state, action = torch.randn(200, 10, generator=g) * 2 + 1, torch.rand(200, 4, generator=g) * 1.6 - 0.8
+    stats = {key: {"min": x.min(0).values, "max": x.max(0).values, "mean": x.mean(0), "std": x.std(0)}
+             for key, x in ((OBS_STATE, state), (ACTION, action))}
+    folder = save_pretrained(policy, tmp_path / "lerobot", stats, modes, legacy=legacy)
+    out = tmp_path / "out"
+    assert main([str(folder), "--out", str(out)]) == 0
+    ours = load_policy(out, sampler="ddpm")
+    cfg = ours.config
+    assert (cfg.obs_dim, cfg.action_dim, cfg.horizon, cfg.n_obs_steps, cfg.n_action_steps, cfg.action_start) == (10, 4, 16, 2, 8, 1)
+    assert cfg.down_dims == [32, 64] and cfg.num_inference_steps == 10
+
+    obs = torch.randn(2, 2, 10, generator=gen(3)) * 2 + 1
+    with torch.no_grad():  # LeRobot: preprocessor normalises, generate_actions (global RNG), postprocessor
+        torch.manual_seed(4)
+        normalized = policy.diffusion.generate_actions({OBS_STATE: lerobot_normalize(obs, stats[OBS_STATE], modes.get("STATE", "MIN_MAX"))})
+        reference = lerobot_normalize(normalized, stats[ACTION], "MIN_MAX", inverse=True)
+    torch.manual_seed(4)  # the same draws in the stock order: x_T, then one per step with t > 0
+    x_T = torch.randn(2, 16, 4)
+    noise = torch.zeros(10, 2, 16, 4)
+    for i, t in enumerate(ours.sampler.timesteps):
+        if int(t) > 0:
+            noise[i] = torch.randn(2, 16, 4)
+    planned = ours.predict_action(obs, x_T=x_T, noise=noise)
+    assert (planned["action"] - reference).abs().max() < 1e-5
+
+
+def test_lerobot_checkpoint_refusals(tmp_path):
+    import json
+
+    from lerobot_standin import ACTION, save_pretrained
+
+    from parapolicy.convert import convert
+    from parapolicy.importers.diffusion_policy import UnsupportedCheckpointError
+
+    stats = {key: {"min": -torch.ones(d), "max": torch.ones(d)} for key, d in ((OBS_STATE, 10), (ACTION, 4))}
+    folder = save_pretrained(make_policy(use_film_scale_modulation=False), tmp_path / "bias_only", stats)
+    with pytest.raises(UnsupportedCheckpointError, match="use_film_scale_modulation=False"):
+        convert(folder, tmp_path / "out")
+    folder = save_pretrained(make_policy(), tmp_path / "images", stats)
+    config = json.loads((folder / "config.json").read_text())
+    config["input_features"]["observation.images.top"] = {"type": "VISUAL", "shape": [3, 96, 96]}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedCheckpointError, match="image policies"):
+        convert(folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
