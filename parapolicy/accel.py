@@ -179,8 +179,9 @@ class FastPath:
     Options:
       buckets: "auto" (default; see ``resolve_buckets``) or a list of K sizes. A call with K rows of
         trajectory points is padded to the smallest bucket >= K.
-      pad: "auto" (default: run the model on the whole bucket on CUDA, on the real rows on CPU), True
-        (always the whole bucket) or False (real rows only; no CUDA graph then, shapes vary).
+      pad: "auto" (default: run the model on the whole bucket on CUDA and for a CPU graph backend, on
+        the real rows for eager CPU), True (always the whole bucket) or False (real rows only; no CUDA
+        graph and only the eager CPU backend then, shapes vary).
       overflow: "fallback" (default: a K above every bucket runs on the plain path, counted in
         ``stats.fallbacks``) or "error" (raise ValueError).
       cuda_graph: "auto" (default: capture on CUDA, and fall back to eager with a warning if capture
@@ -406,6 +407,9 @@ class FastPath:
         if self.dtype != torch.float32 and len(candidates) > 1:
             self.stats.notes.append(f"{shape}: dtype {self.dtype} runs eagerly under autocast (no trace / compile)")
             candidates = ("eager",)
+        if self.pad is False and len(candidates) > 1:  # a graph backend needs the bucket's fixed shape
+            self.stats.notes.append(f"{shape}: pad=False runs eagerly (trace / compile need the padded bucket)")
+            candidates = ("eager",)
         reference = [model(*inputs), model(*probe)]
         timings: dict[str, Optional[float]] = {}
         built: dict[str, Callable] = {}
@@ -469,6 +473,7 @@ class FastPath:
                 runner.t.copy_(torch.randint(0, 100, runner.t.shape, generator=gen, device=x.device))
                 runner.cond.view(bucket, batch, -1).copy_(global_cond)
                 runner.cond_token = -1  # the next call refills the conditioning
+                runner.padded = -1  # ... and re-zeroes the padding
                 self._select_backend(model, runner, bucket, batch)
         return dict(self.stats.backends)
 

@@ -511,6 +511,7 @@ def headline(rows: list[dict]) -> list[dict]:
                     "window": best["window"], "best": best["label"], "best_p50_ms": best["latency_ms"]["p50"],
                     "fastest_twin": best["fastest_twin"], "fastest_twin_p50_ms": best["fastest_twin_p50_ms"],
                     "speedup": best["speedup_vs_fastest_twin"],
+                    "predicted_speedup": best.get("predicted_speedup_vs_fastest_twin"),
                     "eager_speedup": eager["speedup"] if eager else None})
     return out
 
@@ -648,11 +649,19 @@ def predict_latency(row: dict, den_rows: list[dict]) -> Optional[float]:
 
 
 def add_predictions(result: dict) -> None:
+    """``predicted_ms`` and ``unexplained_ms`` (measured p50 - predicted) per row, and the model's
+    ``predicted_speedup_vs_fastest_twin``: a ratio of two predictions from one curve, so a load level
+    that differs between the sampler and denoiser phases cancels out of it."""
     for phase in PHASES:
         for row in result[phase]:
             predicted = predict_latency(row, result["denoiser"])
             row["predicted_ms"] = predicted
             row["unexplained_ms"] = None if predicted is None else row["latency_ms"]["p50"] - predicted
+        by_label = {(row["label"], row["batch"]): row for row in result[phase]}
+        for row in result[phase]:
+            twin = by_label.get((row.get("fastest_twin"), row["batch"]))
+            ok = twin is not None and row["predicted_ms"] and twin["predicted_ms"] and twin["batch"] == row["batch"]
+            row["predicted_speedup_vs_fastest_twin"] = twin["predicted_ms"] / row["predicted_ms"] if ok else None
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -677,9 +686,10 @@ def format_headline(items: list[dict]) -> str:
     for h in items:
         where = f"window {h['window']}, " if h["window"] is not None else ""
         eager = f"{h['eager_speedup']:.2f}x" if h["eager_speedup"] is not None else "-"
+        model = f"{h['predicted_speedup']:.2f}x" if h.get("predicted_speedup") else "-"
         lines.append(f"{h['sampler']} ({where}batch {h['batch']}): {h['best']} {h['best_p50_ms']:.1f} ms vs fastest "
                      f"twin {h['fastest_twin']} {h['fastest_twin_p50_ms']:.1f} ms: {h['speedup']:.2f}x "
-                     f"(eager vs eager {eager})")
+                     f"(eager vs eager {eager}; model {model})")
     return "\n".join(lines)
 
 
@@ -739,7 +749,7 @@ def make_plots(result: dict, out_dir: Path) -> list[str]:
         first = (window_rows[0]["fast_path"], (window_rows[0]["options"] or {}).get("tolerance"))
         window_rows = [r for r in window_rows if (r["fast_path"], (r["options"] or {}).get("tolerance")) == first]
         ax2 = ax.twinx()
-        ax2.plot([r["window"] for r in window_rows], [r["rounds_mean"] for r in window_rows], color="tab:orange",
+        ax2.plot([r["window"] for r in window_rows], [r["rounds_mean"] for r in window_rows], color="tab:green",
                  marker="x", linestyle=":", label="rounds")
         ax2.set_ylabel("rounds (sequential model calls)")
         ax.set(xlabel="window p", ylabel="p50 latency per call [ms]", title="latency vs Picard window (batch 1)")

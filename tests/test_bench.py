@@ -164,6 +164,8 @@ def test_bench_cli_writes_bench_json(files, tmp_path):
     assert top["sampler"] == "paraddpm-6" and top["best"] == min(("paraddpm-6", "paraddpm-6+fast"), key=p50.get)
     assert top["speedup"] == pytest.approx(p50[fastest] / p50[top["best"]], rel=1e-12)
     assert top["eager_speedup"] == pytest.approx(par["speedup"], rel=1e-12)
+    best = rows[top["best"]]  # the model's speedup: a ratio of two predictions from the denoiser curve
+    assert top["predicted_speedup"] == pytest.approx(rows[fastest]["predicted_ms"] / best["predicted_ms"], rel=1e-12)
 
     windows = {r["label"]: r for r in result["windows"]}
     assert set(windows) == {"paraddpm-6-w2", "ddpm-6", "paraddpm-6-w2+fast", "ddpm-6+fast"}
