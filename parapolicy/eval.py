@@ -337,12 +337,12 @@ def run_eval(cfg: DictConfig, out_dir: Path) -> dict:
     # so a run split over processes by first_episode gives the same episodes as one run).
     first_episode, n_episodes, n_envs = int(cfg.get("first_episode", 0)), int(cfg.n_episodes), int(cfg.n_envs)
     wanted = range(first_episode, n_episodes)
-    bar = tqdm(total=len(wanted) * len(runs), initial=len(done & {(r, e) for r in runs for e in wanted}),
-               desc=f"eval {cfg.env.name}", unit="ep", disable=not cfg.progress_bar)
     # executor=local: this process, runs interleaved batch by batch; executor=ray: Ray workers
     from parapolicy.executors import make_executor
 
     executor = make_executor(cfg, checkpoint, specs)
+    bar = tqdm(total=len(wanted) * len(runs), initial=len(done & {(r, e) for r in runs for e in wanted}),
+               desc=f"eval {cfg.env.name}", unit="ep", disable=not cfg.progress_bar)
     try:
         with log_path.open("a") as log:
 

@@ -192,8 +192,15 @@ class RayExecutor:
         if ray.is_initialized():
             return
         if self.address is None:
-            ray.init(address="local", num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=False,
-                     _node_ip_address="127.0.0.1")
+            for attempt in range(2):  # Ray gives its raylet a fixed 30 s to register: on a loaded machine, retry once
+                try:
+                    ray.init(address="local", num_cpus=self.num_cpus, include_dashboard=False,
+                             log_to_driver=False, _node_ip_address="127.0.0.1")
+                    break
+                except Exception as err:
+                    if attempt or "timed out during startup" not in str(err):
+                        raise
+                    ray.shutdown()
         else:
             ray.init(address=str(self.address), log_to_driver=False)
         self.connected_here = True

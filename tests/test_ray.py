@@ -29,7 +29,14 @@ def ray_address():
     import psutil
     import ray
 
-    ctx = ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    for attempt in range(2):  # Ray gives its raylet a fixed 30 s to register: on a loaded machine, retry once
+        try:
+            ctx = ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+            break
+        except Exception as err:
+            if attempt or "timed out during startup" not in str(err):
+                raise
+            ray.shutdown()
     try:
         address = ctx.address_info["gcs_address"]
         assert address.startswith("127.0.0.1:")
@@ -44,14 +51,19 @@ def ray_address():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
-def run_eval(*args, multirun=False, extra_env=None, timeout=400):
+def run_eval(*args, multirun=False, extra_env=None):
     env = {**os.environ, **LOOPBACK_ENV, **(extra_env or {})}
     cmd = [sys.executable, "-m", "parapolicy.eval", *(["-m"] if multirun else []), *args]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def finish(proc, timeout=400):
-    out, err = proc.communicate(timeout=timeout)
+def finish(proc, timeout=600):
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"eval did not finish in {timeout} s: {err[-3000:]}")
     assert proc.returncode == 0, (out[-2000:], err[-4000:])
     return out
 
