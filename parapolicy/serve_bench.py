@@ -3,8 +3,9 @@
     python -m parapolicy.serve_bench                                          # ddpm, paraddpm x 1/2/4/8 robots x on/off
     python -m parapolicy.serve_bench 'samplers=[paraddpm]' 'robots=[1,8]' requests_per_robot=30
 
-For every (sampler, batching) it starts ``python -m parapolicy.serve`` as a subprocess on a free
-loopback port, then for each robot count runs that many client threads (one connection each). Robot r
+For every (sampler, batching) it starts a server on a free loopback port (``server_mode=thread``: a
+``PolicyServer`` on its own event loop and model thread in this process, the policy loaded once per
+sampler; ``subprocess``: ``python -m parapolicy.serve``), then for each robot count runs that many client threads (one connection each). Robot r
 resets with seed ``seed + r`` and sends ``requests_per_robot`` requests back to back (real observation
 histories from the dataset, else env resets, else random), each waiting for its reply. Reported per row:
 throughput (replies/s), end-to-end latency p50/p95/p99, server-side p50, mean batch size (requests per
@@ -140,6 +141,23 @@ def run_robots(url: str, observations: np.ndarray, n_robots: int, n_requests: in
     }
 
 
+def load_sampler_policy(cfg: DictConfig, sampler: str):
+    """The checkpoint with ``conf/sampler/<sampler>.yaml``'s settings, for an in-process server."""
+    import torch
+
+    from parapolicy.eval import sampler_config, sampler_kwargs
+    from parapolicy.policy import load_policy
+    from parapolicy.serve import resolve_checkpoint
+
+    if cfg.torch_threads:
+        torch.set_num_threads(int(cfg.torch_threads))
+    name, steps, options = sampler_kwargs(sampler_config(sampler))
+    if cfg.num_inference_steps:
+        steps = int(cfg.num_inference_steps)
+    return load_policy(str(resolve_checkpoint(str(cfg.checkpoint))), sampler=name, device=str(cfg.device),
+                       num_inference_steps=steps, **options)
+
+
 def requests_per_robot(cfg: DictConfig, n_robots: int) -> int:
     """``requests_per_robot``, capped so a row sends at most ``max_requests_per_row`` (at least 2 each)."""
     n = int(cfg.requests_per_robot)
@@ -167,7 +185,10 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict:
     from parapolicy.client import RemotePolicy
     from parapolicy.policy import load_policy
     from parapolicy.serve import resolve_checkpoint
+    from parapolicy.serving.server import PolicyServer, ServerThread
 
+    if cfg.server_mode not in ("thread", "subprocess"):
+        raise ValueError(f"server_mode must be thread or subprocess, got {cfg.server_mode!r}")
     robots = [int(n) for n in cfg.robots]
     if not robots or min(robots) < 1:
         raise ValueError(f"robots must be a non-empty list of counts >= 1, got {list(cfg.robots)}")
@@ -183,9 +204,16 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, counters = [], {}
     for sampler in samplers:
+        served = None if cfg.server_mode == "subprocess" else load_sampler_policy(cfg, sampler)
         for batching in cfg.batching:
             tag = f"{sampler}_{'on' if batching else 'off'}"
-            proc, url = start_server(cfg, sampler, bool(batching), out_dir / f"server_{tag}")
+            if served is None:
+                proc, url = start_server(cfg, sampler, bool(batching), out_dir / f"server_{tag}")
+            else:
+                thread = ServerThread(PolicyServer(
+                    served, "127.0.0.1", 0, max_batch=int(cfg.max_batch) if batching else 1,
+                    max_wait_ms=float(cfg.max_wait_ms) if batching else 0.0))
+                url = thread.url
             try:
                 with RemotePolicy(url, timeout_s=float(cfg.timeout_s)) as warm:
                     for k in range(int(cfg.warmup)):
@@ -197,7 +225,11 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict:
                     rows.append(row)
                     print(format_rows([row]).splitlines()[-1], flush=True)
             finally:
-                counters[tag] = stop_server(proc)
+                if served is None:
+                    counters[tag] = stop_server(proc)
+                else:
+                    thread.stop()
+                    counters[tag] = thread.server.stats.format()
             print(f"server {tag}: {counters[tag]}", flush=True)
 
     import torch

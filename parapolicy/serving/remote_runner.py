@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+REPLY_TIMEOUT_S = 600.0
+
 
 def run_episode(env, policy, seed: int) -> dict:
     """One episode of ``env`` driven by ``policy`` (a ``RemotePolicy``) with ``seed``; the record has the
@@ -80,7 +82,8 @@ def run_remote_eval(cfg: DictConfig, out_dir: Path) -> dict:
 
     _validate(cfg)
     url, n_envs = str(cfg.server), int(cfg.n_envs)
-    policies = [RemotePolicy(url) for _ in range(n_envs)]
+    # a long reply timeout: an eval waits for a busy server (a dead one still fails the episode)
+    policies = [RemotePolicy(url, timeout_s=REPLY_TIMEOUT_S) for _ in range(n_envs)]
     meta = policies[0].metadata
     task = get_task(cfg.env.name)
     if int(meta["obs_dim"]) != task.obs_dim:
@@ -135,6 +138,7 @@ def run_remote_eval(cfg: DictConfig, out_dir: Path) -> dict:
 
     mine = sorted((ep for ep in episodes if ep["run"] == label and ep["episode"] in wanted), key=lambda ep: ep["episode"])
     run = summarize_run(mine)
+    run["steps"] = sampler.get("num_inference_steps")  # the server's schedule length (table column)
     calls = [c for ep in mine for c in ep["calls"]]
     run["server_latency_ms"] = latency_stats([c["server_ms"] for c in calls])
     run["batch_mean"] = float(np.mean([c["batch"] for c in calls])) if calls else float("nan")
