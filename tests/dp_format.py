@@ -228,7 +228,8 @@ def dp_checkpoint_from_policy(path: str | Path, policy: Any, ema_policy: Any = N
     cfg_kwargs.setdefault("kernel_size", policy.config.kernel_size)
     norm = shipped_dp_normalizer(policy)
     model_sd = dp_state_dict(policy, *norm)
-    ema_sd = dp_state_dict(ema_policy if ema_policy is not None else policy, *norm)
+    # no separate EMA copy: the same tensors (torch.save stores shared storages once: a smaller file)
+    ema_sd = dp_state_dict(ema_policy, *norm) if ema_policy is not None else dict(model_sd)
     return write_dp_checkpoint(path, dp_config(**cfg_kwargs), model_sd, ema_sd)
 
 

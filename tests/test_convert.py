@@ -80,9 +80,12 @@ def test_converted_square_plans_the_shipped_policys_actions(shipped, converted):
         assert getattr(policy.config, key) == getattr(shipped.config, key), key
     assert policy.scheduler_config == shipped.scheduler_config
     assert policy.config.action_start == 1
+    # same weights, scheduler and normaliser: the same steps for any schedule length (20 keeps CI fast)
+    policy.set_sampler("ddpm", 20)
+    shipped.set_sampler("ddpm", 20)
     g = torch.Generator().manual_seed(0)
     obs = random_obs(2)
-    x_T, noise = torch.randn(2, 16, 7, generator=g), torch.randn(100, 2, 16, 7, generator=g)
+    x_T, noise = torch.randn(2, 16, 7, generator=g), torch.randn(20, 2, 16, 7, generator=g)
     ours = policy.predict_action(obs, x_T=x_T, noise=noise)
     reference = shipped.predict_action(obs, x_T=x_T, noise=noise)
     torch.testing.assert_close(ours["action_pred"], reference["action_pred"], atol=1e-5, rtol=0)
@@ -293,3 +296,14 @@ def test_refuses_film_without_scale_with_a_shape_report(tmp_path):
         sd[key] = sd[key][: sd[key].shape[0] // 2].clone()  # bias-only FiLM: out_channels outputs
     message = _refused(tmp_path, sd=sd, cond_predict_scale=False)
     assert "cond_predict_scale=False" in message and "model.mid_modules.0.cond_encoder.1.weight: [32, 62]" in message
+
+
+def test_inpainting_weights_are_refused_even_when_the_config_says_global(tmp_path):
+    from parapolicy.policy import ConditionalUnet1D
+
+    policy = small_policy()
+    sd = dp_state_dict(policy, *shipped_dp_normalizer(policy))
+    unet = ConditionalUnet1D(input_dim=7, global_cond_dim=0, diffusion_step_embed_dim=16, down_dims=[16, 32])
+    sd = {k: v for k, v in sd.items() if not k.startswith("model.")}
+    sd.update({f"model.{k}": v for k, v in unet.state_dict().items()})
+    assert "inpainting" in _refused(tmp_path, sd=sd)

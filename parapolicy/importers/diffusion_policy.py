@@ -238,6 +238,10 @@ def build_config(ckpt: DPCheckpoint, weights: Mapping[str, torch.Tensor]) -> tup
     if isinstance(policy_n_action, int) and policy_n_action != n_action + latency:
         raise ValueError(f"{what}: policy.n_action_steps={policy_n_action} but n_action_steps + n_latency_steps "
                          f"= {n_action} + {latency}")
+    if dims["global_cond_dim"] <= 0:  # no global conditioning in the weights: an inpainting U-Net
+        raise UnsupportedCheckpointError(
+            f"{what}: the U-Net has no global conditioning (cond width {dims['global_cond_dim'] + dims['diffusion_step_embed_dim']}"
+            f" = step embedding only): inpainting policies are not supported")
     if dims["global_cond_dim"] % n_obs_steps:
         raise ValueError(f"{what}: global_cond_dim {dims['global_cond_dim']} is not a multiple of n_obs_steps={n_obs_steps}")
     obs_dim = dims["global_cond_dim"] // n_obs_steps
