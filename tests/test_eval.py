@@ -1,6 +1,7 @@
 """Closed-loop evaluation CLI on a tiny random Lift checkpoint (short episodes)."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -159,16 +160,12 @@ def test_multirun_over_two_samplers_and_report(checkpoint, tmp_path):
     ("n_episodes=0", "n_episodes must be >= 1"),
     ("first_episode=10", "first_episode must be an integer in [0, n_episodes)"),
     ("checkpoint=/nonexistent/ckpt", "checkpoint '/nonexistent/ckpt' not found"),
-    ("baseline=ddim@0", "baseline 'ddim@0': the steps after '@' must be an integer in [1, 100]"),
-    ("baseline=[ddpm,ddim@abc]", "baseline 'ddim@abc': the steps after '@' must be an integer in [1, 100]"),
     ("baseline=ddim@1000", "must be an integer in [1, 100] (the checkpoint's num_train_timesteps), got '1000'"),
-    ("baseline=[{num_inference_steps:15}]", "a dict entry needs a 'name'"),
-    ("sampler.num_inference_steps=101", "sampler.num_inference_steps must be an integer in [1, 100]"),
     ("sampler.timestep_spacing=trailling", "timestep_spacing must be one of leading, trailing, linspace"),
 ])
 def test_bad_config_fails_before_any_env_starts(override, message, tmp_path):
     proc = run_eval("env=lift", "checkpoint=checkpoints/lift", override, f"hydra.run.dir={tmp_path}",
-                    timeout=120)
+                    timeout=300)
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-2000:]
     assert "Loading controller configuration" not in proc.stderr  # robosuite never started
@@ -214,6 +211,26 @@ def test_labels_show_steps_that_differ_from_the_config_or_the_sampler():
     assert plan("sampler=srds", "sampler.name=parasrdsddim", "sampler.num_inference_steps=15",
                 "baseline=[ddim,parataaddim]") == [
         ("parasrdsddim-15", 15, "sampler"), ("ddim", 15, "baseline"), ("parataaddim", 15, "baseline")]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("baseline=ddim@0", "baseline 'ddim@0': the steps after '@' must be an integer in [1, 100]"),
+    ("baseline=[ddpm,ddim@abc]", "baseline 'ddim@abc': the steps after '@' must be an integer in [1, 100]"),
+    ("baseline=ddim@", "baseline 'ddim@': the steps after '@' must be an integer in [1, 100]"),
+    ("baseline=[{name:ddim,num_inference_steps:0}]", "num_inference_steps must be an integer in [1, 100]"),
+    ("baseline=[{num_inference_steps:15}]", "a dict entry needs a 'name'"),
+    ("sampler.num_inference_steps=101", "sampler.num_inference_steps must be an integer in [1, 100]"),
+])
+def test_bad_step_counts_fail_in_validate(override, message):
+    """validate() (it runs before any env is made; see the subprocess test above) rejects them."""
+    from hydra import compose, initialize_config_module
+
+    from parapolicy.eval import validate
+
+    with initialize_config_module("parapolicy.conf", version_base=None):
+        cfg = compose("eval", overrides=["env=lift", "checkpoint=checkpoints/lift", override])
+    with pytest.raises(ValueError, match=re.escape(message)):
+        validate(cfg)
 
 
 def test_baselines_inherit_the_samplers_timestep_spacing():

@@ -72,7 +72,7 @@ def test_preview_gif_from_an_eval_video(video_run, tmp_path):
     source = next((out / "videos").glob("ddpm-8_*.mp4"))
     gif = tmp_path / "preview.gif"
     proc = subprocess.run([sys.executable, "-m", "parapolicy.video", "preview", str(source), str(gif),
-                           "--size", "32", "--every", "3"], capture_output=True, text=True, timeout=120)
+                           "--size", "32", "--every", "3"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     with Image.open(gif) as image:
         assert image.n_frames == 5 and image.height == 32  # frames 0, 3, 6, 9 and the last, 10
@@ -86,7 +86,7 @@ def test_preview_gif_from_an_eval_video(video_run, tmp_path):
 ])
 def test_bad_video_options_fail_before_any_env_starts(override, message, tmp_path):
     proc = run_eval("env=lift", "checkpoint=checkpoints/lift", "video=true", override, f"hydra.run.dir={tmp_path}",
-                    timeout=120)
+                    timeout=300)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "episodes.jsonl").exists()
 
@@ -98,7 +98,7 @@ def test_missing_gl_library_is_named_in_one_line(tmp_path):
     env.pop("PYOPENGL_PLATFORM", None)
     cmd = [sys.executable, "-m", "parapolicy.eval", "env=lift", "checkpoint=checkpoints/lift", "video=true",
            f"hydra.run.dir={tmp_path}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.startswith("RuntimeError: video=true needs offscreen")]
     assert len(lines) == 1 and "libOSMesa.so not found" in lines[0] and "libosmesa6" in lines[0], proc.stderr[-2000:]
