@@ -1,6 +1,6 @@
 """Latency benchmark: every sampler against its sequential twin, with the fast path off and on.
 
-    python -m parapolicy.bench                                      # quick: ddpm vs paraddpm, ~2-4 min on 2 CPU cores
+    python -m parapolicy.bench                                      # quick: ddpm vs paraddpm (6-10 min on 2 loaded CPU cores)
     python -m parapolicy.bench preset=full                          # every sampler, batch 1 and 8, full-size U-Net
     python -m parapolicy.bench 'samplers=[ddpm,paraddpm]' 'batch_sizes=[1]' 'windows=[]' fast_path=off
     python -m parapolicy.bench device=cuda fast_path=on '+fast_path_options.dtype=bfloat16'
@@ -165,6 +165,13 @@ def config_steps(label: str, name: str, default_steps: int) -> int:
     return int(default_steps)
 
 
+def config_options(name: str) -> dict:
+    """The options of ``conf/sampler/<name>.yaml`` (nulls dropped), or {} without such a file."""
+    from parapolicy.eval import available_samplers, sampler_config, sampler_kwargs
+
+    return sampler_kwargs(sampler_config(name))[2] if name in available_samplers() else {}
+
+
 def sampler_settings(label: str, name: str, cfg: DictConfig, default_steps: int, notes: list) -> tuple[int, dict]:
     """(steps, options) for sampler ``name`` requested as ``label``: ``conf/sampler/<label>.yaml`` if
     it names that sampler (else defaults), the steps override, then ``sampler_options[label]``."""
@@ -242,6 +249,11 @@ def build_jobs(cfg: DictConfig, policy, notes: list, modes: tuple = ("off",), fa
                 return
         twin_default = config_steps(twin, twin, default)
         label = step_label(twin, job.steps, twin_default)
+        # a twin whose timestep spacing differs from its config file's says so (ddim-leading)
+        spacing = options.get("timestep_spacing") or policy.scheduler_config.get("timestep_spacing", "leading")
+        own = config_options(twin).get("timestep_spacing") or policy.scheduler_config.get("timestep_spacing", "leading")
+        if spacing != own:
+            label = f"{label}-{spacing}"
         job.twin = add(phase, Job(label, twin, job.steps, options, default_steps=twin_default)).label
         notes.append(f"{phase}: added {job.twin} ({job.steps} steps) as the sequential twin of {job.label}")
 

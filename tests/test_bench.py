@@ -46,9 +46,13 @@ def test_build_jobs_adds_missing_twins():
     phases = build_jobs(cfg, tiny_policy(), notes)
     jobs = {job.label: job for job in phases["samplers"]}
     # 6 steps differ from every config file's (15 / 100): the labels say so
-    assert list(jobs) == ["paraddim-6", "ddpm-6", "srds-6", "ddim-6"]  # ddim added as paraddim's twin
+    # ddim added as paraddim's twin (trailing, as in both config files); srds's twin is ddim with the
+    # checkpoint's leading spacing, which the label shows
+    assert list(jobs) == ["paraddim-6", "ddpm-6", "srds-6", "ddim-6", "ddim-6-leading"]
     assert jobs["paraddim-6"].twin == "ddim-6" and jobs["ddpm-6"].twin is None
-    assert jobs["srds-6"].name == "parasrdsddpm" and jobs["srds-6"].twin == "ddim-6"  # twins override by label
+    assert jobs["srds-6"].name == "parasrdsddpm" and jobs["srds-6"].twin == "ddim-6-leading"  # twins override by label
+    assert jobs["ddim-6"].policy.sampler.scheduler.config.timestep_spacing == "trailing"
+    assert jobs["ddim-6-leading"].policy.sampler.scheduler.config.timestep_spacing == "leading"
     assert jobs["paraddim-6"].options["tolerance"] == 0.05 and jobs["paraddim-6"].policy.sampler.tolerance == 0.05
     assert all(job.steps == 6 and job.policy.sampler.num_inference_steps == 6 for job in jobs.values())
     assert all(job.describe()["steps"] == 6 and job.fast == "off" for job in jobs.values())
