@@ -320,3 +320,15 @@ def test_compile_backend_matches_eager(policy):
     fast = plan(policy, batch=1)
     assert set(policy.fast_path.stats.backends.values()) == {"compile"}, policy.fast_path.stats.notes
     torch.testing.assert_close(fast["action_pred"], reference["action_pred"], rtol=0, atol=1e-5)
+
+
+def test_load_policy_takes_the_fast_path_option(tmp_path):
+    """load_policy(fast_path=auto|on|off), as eval's `fast_path=` passes it."""
+    from parapolicy.policy import load_policy, save_checkpoint
+
+    folder = save_checkpoint(tiny_policy(), tmp_path / "ckpt")
+    assert load_policy(folder).fast_path == "auto"
+    assert isinstance(load_policy(folder, fast_path="on").fast_path, FastPath)
+    assert load_policy(folder, fast_path="off").fast_path is None
+    with pytest.raises(ValueError, match="fast path"):
+        load_policy(folder, fast_path="sometimes")
