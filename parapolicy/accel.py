@@ -23,8 +23,11 @@ picked at warm-up by measurement (``backend="auto"``, the default of an explicit
   and ``torch.jit.optimize_for_inference`` (oneDNN convolutions, fused ops): fewer Python and dispatcher
   calls per layer, which is most of the cost of a small-batch call on CPU;
 - ``compile``: ``torch.compile`` (inductor, ``dynamic=False``), only when asked for
-  (``compile=True`` or ``backend=[..., "compile"]``): on a 2-core CPU it costs tens of seconds per
-  shape, more than it saves in a typical eval.
+  (``compile=True`` or ``backend=[..., "compile"]``): compiling one shape of the Square network took
+  177 s on the 2-core CPU here (under load), more than it saves in a typical eval.
+
+TorchScript is deprecated in torch 2.x but still shipped (2.13 here); if a torch release drops it,
+``trace`` fails at warm-up and eager is used, with a note.
 
 A graph backend runs the whole bucket (padding included) since its shape is fixed. Before it is used,
 its output on two inputs (the first call's real data and a random one) must equal eager's within
