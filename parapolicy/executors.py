@@ -247,16 +247,19 @@ class RayExecutor:
                 slot, unit, _ = in_flight.pop(ref)
                 try:
                     rec = ray.get(ref)
-                except ray.exceptions.RayActorError as err:  # the worker died: replace it
-                    reason = f"worker died: {type(err).__name__}: {_first_line(err)}"
+                except ray.exceptions.RayTaskError as err:  # the episode raised; the worker lives on
+                    reason = f"task failed: {_first_line(err)}"
+                    idle.append(slot)
+                except ray.exceptions.RayError as err:  # the worker died (or Ray lost the task): replace it
+                    died = isinstance(err, ray.exceptions.RayActorError)
+                    reason = f"{'worker died' if died else 'ray error'}: {type(err).__name__}: {_first_line(err)}"
+                    if not died:
+                        ray.kill(self.actors[slot])
                     if budget > 0:
                         budget -= 1
                         self.n_replaced += 1
                         self.actors[slot] = self._new_actor(files_ref, shadow_label)
                         idle.append(slot)
-                except ray.exceptions.RayTaskError as err:  # the episode raised; the worker lives on
-                    reason = f"task failed: {_first_line(err)}"
-                    idle.append(slot)
                 else:
                     idle.append(slot)
                     self.hosts.setdefault(rec.get("host"), None)
