@@ -336,7 +336,9 @@ def test_in_process_stop_answers_queued_requests():
                for c, h in zip(clients, histories)]
     for t in threads:
         t.start()
-    while server.server._inflight < 3:
+    deadline = time.monotonic() + 60
+    while server.server._inflight < 3:  # all three received: one planning, two queued
+        assert time.monotonic() < deadline, "the requests never reached the server"
         time.sleep(0.001)
     server.stop()
     for t in threads:

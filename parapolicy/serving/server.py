@@ -3,8 +3,8 @@
 Each websocket connection is one robot. Its ``RobotSession`` keeps the observation history, the
 previous call's sample (warm starts) and its own ``torch.Generator`` (seeded at reset when the client
 sends a seed). Requests from different connections that arrive within ``max_wait_ms`` of the first
-waiting one (up to ``max_batch``) are planned in one ``predict_action`` call on a ``[B, n_obs_steps,
-obs_dim]`` batch. Every robot draws its own ``x_T [1, H, A]`` and step noise ``[N, 1, H, A]`` from its
+waiting one (up to ``max_batch``; no wait once every connected robot is waiting) are planned in one
+``predict_action`` call on a ``[B, n_obs_steps, obs_dim]`` batch. Every robot draws its own ``x_T [1, H, A]`` and step noise ``[N, 1, H, A]`` from its
 generator, in the order ``parapolicy.runner.PolicyRunner`` draws them, so a robot gets the chunk it
 would get alone: exactly for sequential samplers (up to float rounding of a larger batch), within the
 sampler's tolerance for parallel ones (a Picard window advances by the slowest row of the batch, so a
