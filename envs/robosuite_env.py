@@ -182,6 +182,9 @@ class RobosuiteEnv(gym.Env):
         if self.render_mode != "rgb_array":
             return None
         height, width = self.render_size
+        context = getattr(self.sim, "_render_context_offscreen", None)
+        if context is not None:  # robosuite renders into the current GL context: make it this env's
+            context.gl_ctx.make_current()
         frame = self.sim.render(width=width, height=height, camera_name=self.camera)
         return np.ascontiguousarray(frame[::-1])  # OpenGL's rows run bottom-up
 
