@@ -31,8 +31,8 @@ def make_vector_env(task: str, n_envs: int, max_episode_steps: int | None = None
     mode = gym.vector.AutoresetMode.DISABLED
     if n_envs == 1:
         return gym.vector.SyncVectorEnv(fns, autoreset_mode=mode)
-    # Rendering workers start fresh ("spawn"): a forked child inherits the OpenGL (EGL) state of the
-    # env gymnasium builds here to read the spaces, and hung in its first render.
+    # Rendering workers start fresh ("spawn"): a forked child would inherit the OpenGL (EGL) state of
+    # the env gymnasium builds here to read the spaces, and GL state is not fork-safe.
     context = "spawn" if env_kwargs.get("render_mode") else None
     return gym.vector.AsyncVectorEnv(fns, autoreset_mode=mode, context=context)
 
