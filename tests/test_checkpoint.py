@@ -109,7 +109,7 @@ def test_load_policy_resolves_names_and_sampler(saved, monkeypatch):
     assert fast.sampler_options == {"window": 4}
 
 
-@pytest.mark.parametrize("name", ["square", "lift"])
+@pytest.mark.parametrize("name", ["square", "lift", "can"])
 def test_shipped_checkpoint_loads_and_plans(name):
     """The checkpoints in git load by name, fit their env's observation/action layout and the size cap,
     record their provenance, and plan the same chunk with a parallel sampler as with DDPM."""
