@@ -253,8 +253,7 @@ class RayExecutor:
                 except ray.exceptions.RayError as err:  # the worker died (or Ray lost the task): replace it
                     died = isinstance(err, ray.exceptions.RayActorError)
                     reason = f"{'worker died' if died else 'ray error'}: {type(err).__name__}: {_first_line(err)}"
-                    if not died:
-                        ray.kill(self.actors[slot])
+                    ray.kill(self.actors[slot])  # no-op when dead; frees one that is only unreachable
                     if budget > 0:
                         budget -= 1
                         self.n_replaced += 1
