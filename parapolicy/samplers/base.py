@@ -81,8 +81,9 @@ def merge_timestep_spacing(timestep_spacing: Optional[str], scheduler_kwargs: Op
             raise ValueError(f"{source} must be one of {', '.join(TIMESTEP_SPACINGS)} (or null), got {value!r}")
     if timestep_spacing is not None:
         if kwargs.get("timestep_spacing", timestep_spacing) != timestep_spacing:
-            raise ValueError(f"timestep_spacing={timestep_spacing!r} contradicts "
-                             f"scheduler_kwargs.timestep_spacing={kwargs['timestep_spacing']!r}; give one")
+            raise ValueError(f"timestep_spacing={timestep_spacing!r} (e.g. a conf/sampler yaml's default) contradicts "
+                             f"scheduler_kwargs.timestep_spacing={kwargs['timestep_spacing']!r}; give one, e.g. "
+                             f"sampler.timestep_spacing={kwargs['timestep_spacing']}")
         kwargs["timestep_spacing"] = timestep_spacing
     return kwargs
 
