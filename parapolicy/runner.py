@@ -37,6 +37,19 @@ def make_vector_env(task: str, n_envs: int, max_episode_steps: int | None = None
     return gym.vector.AsyncVectorEnv(fns, autoreset_mode=mode, context=context)
 
 
+def draw_noise(policy, generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-episode ``x_T [b, H, A]`` and per-step noise ``[N, b, H, A]`` (None if deterministic), one row
+    per generator: ``x_T`` then the step noise from each. The policy server draws with this too, so a
+    robot served with seed s sees the noise of the in-process eval's episode with seed s."""
+    cfg, sampler = policy.config, policy.sampler
+    x_T, noise = [], []
+    for gen in generators:
+        x_T.append(torch.randn((1, cfg.horizon, cfg.action_dim), generator=gen))
+        if sampler.is_stochastic:
+            noise.append(torch.randn((sampler.num_inference_steps, 1, cfg.horizon, cfg.action_dim), generator=gen))
+    return torch.cat(x_T), (torch.cat(noise, dim=1) if noise else None)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -55,17 +68,6 @@ class PolicyRunner:
         self.policy = policy
         self.shadow = shadow
         self.n_envs = envs.num_envs
-
-    def _draw_noise(self, generators: list[torch.Generator]):
-        """Per-episode ``x_T [b, H, A]`` and per-step noise ``[N, b, H, A]`` (None if deterministic)."""
-        cfg = self.policy.config
-        sampler = self.policy.sampler
-        x_T, noise = [], []
-        for gen in generators:
-            x_T.append(torch.randn((1, cfg.horizon, cfg.action_dim), generator=gen))
-            if sampler.is_stochastic:
-                noise.append(torch.randn((sampler.num_inference_steps, 1, cfg.horizon, cfg.action_dim), generator=gen))
-        return torch.cat(x_T), (torch.cat(noise, dim=1) if noise else None)
 
     def _timed_plan(self, policy, history, x_T, noise, warm_from=None):
         device = policy.device
@@ -118,7 +120,7 @@ class PolicyRunner:
         while active.any():
             idx = np.flatnonzero(active)
             obs_history = torch.from_numpy(np.stack([np.stack(history[i]) for i in idx]))
-            x_T, noise = self._draw_noise([generators[i] for i in idx])
+            x_T, noise = draw_noise(self.policy, [generators[i] for i in idx])
             warm_from = None
             if self.policy.warm_start and all(previous[i] is not None for i in idx):
                 warm_from = torch.cat([previous[i] for i in idx])

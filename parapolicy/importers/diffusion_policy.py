@@ -338,7 +338,7 @@ def convert_dp_checkpoint(
     ``weights``: ``"ema"`` or ``"model"`` (default: ``default_weights``). Everything is read and checked
     before ``out`` is created; a refused or broken file leaves nothing behind.
     """
-    from parapolicy.policy.checkpoint import CONFIG_FILE, WEIGHTS_FILE, save_checkpoint
+    from parapolicy.policy.checkpoint import save_converted
     from parapolicy.policy.diffusion_policy import DiffusionPolicy
 
     source, out = Path(source), Path(out)
@@ -394,14 +394,7 @@ def convert_dp_checkpoint(
         },
         "converter": "parapolicy.convert",
     }
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        save_checkpoint(policy, out, training=training)
-    except BaseException:
-        for name in (WEIGHTS_FILE, CONFIG_FILE):
-            (out / name).unlink(missing_ok=True)
-        raise
-    return out
+    return save_converted(policy, out, training)
 
 
 def _excerpt(value: Any) -> Any:

@@ -133,7 +133,7 @@ def _min_max(stats: Mapping[str, dict[str, torch.Tensor]], feature: str, mode: s
 
 def convert_lerobot_checkpoint(source: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """LeRobot diffusion checkpoint folder -> parapolicy checkpoint folder ``out`` (see module docstring)."""
-    from parapolicy.policy.checkpoint import CONFIG_FILE, WEIGHTS_FILE, save_checkpoint
+    from parapolicy.policy.checkpoint import save_converted
     from parapolicy.policy.diffusion_policy import DiffusionPolicy
 
     source, out = Path(source), Path(out)
@@ -228,11 +228,4 @@ def convert_lerobot_checkpoint(source: str | Path, out: str | Path, overwrite: b
         },
         "converter": "parapolicy.convert",
     }
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        save_checkpoint(policy, out, training=training)
-    except BaseException:
-        for name in (WEIGHTS_FILE, CONFIG_FILE):
-            (out / name).unlink(missing_ok=True)
-        raise
-    return out
+    return save_converted(policy, out, training)

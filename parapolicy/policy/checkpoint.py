@@ -107,6 +107,19 @@ def save_checkpoint(policy: DiffusionPolicy, folder: str | Path, training: Mappi
     return folder
 
 
+def save_converted(policy: DiffusionPolicy, folder: str | Path, training: Mapping[str, Any]) -> Path:
+    """``save_checkpoint`` for importers: a save that fails part-way removes what it wrote, so a refused or
+    interrupted conversion never leaves a half checkpoint that ``load_policy`` could pick up."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        return save_checkpoint(policy, folder, training=training)
+    except BaseException:
+        for name in (WEIGHTS_FILE, CONFIG_FILE):
+            (folder / name).unlink(missing_ok=True)
+        raise
+
+
 def read_config(folder: str | Path) -> dict[str, Any]:
     """Read and validate ``config.json`` of a checkpoint folder."""
     folder = Path(folder)

@@ -37,24 +37,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from parapolicy.runner import draw_noise  # the in-process eval's draw order, shared
 from parapolicy.serving.codec import CodecError, packb, unpackb
 from parapolicy.serving.protocol import PROTOCOL_VERSION, BadRequest, error_reply, parse_request
 
 log = logging.getLogger("parapolicy.serve")
 TOKEN_ENV = "PARAPOLICY_TOKEN"
-
-
-def draw_noise(policy, generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``x_T [B, H, A]`` and step noise ``[N, B, H, A]`` (None for a deterministic sampler), one robot per
-    generator: ``x_T`` then the noise from each, as ``PolicyRunner._draw_noise`` draws them, so a robot
-    served here sees the noise of the in-process eval's episode with the same seed."""
-    cfg, sampler = policy.config, policy.sampler
-    x_T, noise = [], []
-    for gen in generators:
-        x_T.append(torch.randn((1, cfg.horizon, cfg.action_dim), generator=gen))
-        if sampler.is_stochastic:
-            noise.append(torch.randn((sampler.num_inference_steps, 1, cfg.horizon, cfg.action_dim), generator=gen))
-    return torch.cat(x_T), (torch.cat(noise, dim=1) if noise else None)
 
 
 def checkpoint_info(path: str | Path | None) -> dict[str, Any]:
