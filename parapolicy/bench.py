@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -332,12 +333,9 @@ def load_observations(cfg: DictConfig, policy, notes: list) -> tuple[Any, str]:
         if dataset is not None and dataset.is_file():
             source = "dataset"
         else:
-            try:
-                import robosuite  # noqa: F401
-
-                source = "env"
-            except Exception:
-                source = "random"
+            # find_spec, not import: importing robosuite here would log its start-up lines before
+            # RobosuiteEnv quiets them (every line then printed twice, once in the table's stream)
+            source = "env" if importlib.util.find_spec("robosuite") is not None else "random"
             notes.append(f"obs_source auto: dataset {cfg.dataset} not found, using {source}")
 
     if source == "dataset":

@@ -197,3 +197,18 @@ def test_bench_single_mode_and_bad_fast_path(files, tmp_path):
     assert fast_modes(OmegaConf.create({"fast_path": True}), cpu) == ["on"]
     with pytest.raises(ValueError, match="fast_path"):
         fast_modes(OmegaConf.create({"fast_path": "sometimes"}), cpu)
+
+
+def test_bench_on_env_observations_prints_robosuite_lines_once(files, tmp_path):
+    """No dataset: observations come from env resets. robosuite's start-up chatter stays out of both
+    streams, and none of its lines reach the table's stream (stdout) through Hydra's root handler."""
+    checkpoint, _ = files
+    cmd = [sys.executable, "-m", "parapolicy.bench", f"checkpoint={checkpoint}", f"dataset={tmp_path / 'none.hdf5'}",
+           "obs_source=auto", "n_obs=1", "samplers=[ddpm]", "num_inference_steps=2", "repetitions=1", "warmup=0",
+           "batch_sizes=[1]", "windows=[]", "denoiser.k=[1]", "denoiser.repetitions=1", "denoiser.warmup=0",
+           "fast_path=off", "torch_threads=1", "progress_bar=false", f"out={tmp_path / 'out'}",
+           f"hydra.run.dir={tmp_path / 'hydra'}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "using env" in proc.stdout  # the env path really ran
+    assert "robosuite" not in proc.stdout and "private macro file" not in proc.stderr
