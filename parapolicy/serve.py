@@ -44,7 +44,8 @@ def build_server(cfg: DictConfig):
     checkpoint = resolve_checkpoint(str(cfg.checkpoint))
     name, steps, options = sampler_kwargs(cfg.sampler)
     device = pick_device(str(cfg.device))
-    policy = load_policy(str(checkpoint), sampler=name, device=str(device), num_inference_steps=steps, **options)
+    policy = load_policy(str(checkpoint), sampler=name, device=str(device), num_inference_steps=steps,
+                         fast_path=cfg.get("fast_path", "auto"), **options)
     return PolicyServer(
         policy, cfg.host, int(cfg.port), max_batch=int(cfg.max_batch), max_wait_ms=float(cfg.max_wait_ms),
         deadline_ms=None if cfg.deadline_ms is None else float(cfg.deadline_ms),

@@ -36,7 +36,8 @@ def start_server(cfg: DictConfig, sampler: str, batching: bool, run_dir: Path) -
     """A ``parapolicy.serve`` subprocess; returns it and its URL once it listens."""
     args = [sys.executable, "-u", "-m", "parapolicy.serve", f"checkpoint={cfg.checkpoint}", f"sampler={sampler}",
             "port=0", "host=127.0.0.1", f"device={cfg.device}", f"max_batch={int(cfg.max_batch) if batching else 1}",
-            f"max_wait_ms={float(cfg.max_wait_ms) if batching else 0.0}", f"hydra.run.dir={run_dir}"]
+            f"max_wait_ms={float(cfg.max_wait_ms) if batching else 0.0}", f"fast_path={cfg.get('fast_path', 'auto')}",
+            f"hydra.run.dir={run_dir}"]
     if cfg.torch_threads:
         args.append(f"torch_threads={int(cfg.torch_threads)}")
     if cfg.num_inference_steps:
@@ -155,7 +156,7 @@ def load_sampler_policy(cfg: DictConfig, sampler: str):
     if cfg.num_inference_steps:
         steps = int(cfg.num_inference_steps)
     return load_policy(str(resolve_checkpoint(str(cfg.checkpoint))), sampler=name, device=str(cfg.device),
-                       num_inference_steps=steps, **options)
+                       num_inference_steps=steps, fast_path=cfg.get("fast_path", "auto"), **options)
 
 
 def requests_per_robot(cfg: DictConfig, n_robots: int) -> int:
@@ -212,7 +213,8 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict:
             else:
                 thread = ServerThread(PolicyServer(
                     served, "127.0.0.1", 0, max_batch=int(cfg.max_batch) if batching else 1,
-                    max_wait_ms=float(cfg.max_wait_ms) if batching else 0.0))
+                    max_wait_ms=float(cfg.max_wait_ms) if batching else 0.0),
+                    startup_timeout_s=float(cfg.startup_timeout_s))  # includes the fast path's warm-up
                 url = thread.url
             try:
                 with RemotePolicy(url, timeout_s=float(cfg.timeout_s)) as warm:

@@ -396,3 +396,24 @@ def test_closed_loop_episode_through_the_server_reproduces_the_in_process_eval(t
     assert run["n_episodes"] == 1 and run["n_calls"] == 2 and run["server_latency_ms"]["p50"] > 0
     line = json.loads((tmp_path / "episodes.jsonl").read_text().splitlines()[0])
     assert line["length"] == 9 and line["seed"] == 100000
+
+
+def test_fast_path_server_is_warm_for_every_batch_size_and_plans_as_the_plain_path():
+    """fast_path on (CPU: traced backends): every batch size 1..max_batch is prepared before the
+    server listens (metadata lists the shapes), and batched replies equal the plain path's."""
+    policy = tiny_policy(seed=2)
+    policy.set_sampler("paraddpm", 10, window=4, tolerance=1e-4)
+    histories = observations(policy, 3 * 2 * 2, seed=5).reshape(3, 2, 2, OBS_DIM)  # 3 robots, 2 requests
+    with serve(policy, max_batch=3, max_wait_ms=2000) as server:
+        plain, _ = run_robots(server.url, histories, 2)
+        assert server.server.metadata["fast_path"] is None
+    policy.enable_fast_path(True, backend="trace")
+    with serve(policy, max_batch=3, max_wait_ms=2000) as server:
+        shapes = server.server.metadata["fast_path"]["backends"]
+        assert {shape.split("x")[1] for shape in shapes} == {"B1", "B2", "B3"}
+        prepared = dict(policy.fast_path.stats.warmup_s)
+        fast, timing = run_robots(server.url, histories, 2)
+        assert max(t["batch"] for t in timing) == 3
+        assert dict(policy.fast_path.stats.warmup_s) == prepared  # no shape was first met by a request
+    for r in range(3):
+        np.testing.assert_allclose(fast[r], plain[r], atol=1e-4, rtol=0)

@@ -151,6 +151,10 @@ class PolicyServer:
       token: shared secret; connections without ``Authorization: Bearer <token>`` are refused with HTTP
         401 during the handshake (None: ``$PARAPOLICY_TOKEN`` if set, else no token).
       checkpoint: the checkpoint folder, for the metadata's provenance.
+
+    With the policy's fast path on (``load_policy(..., fast_path="on")``), ``run()`` first warms it up
+    for every batch size 1..max_batch (CPU: picks each shape's backend), so that no robot's request pays
+    for a new shape; the backends and seconds spent go into the metadata (``fast_path``).
     """
 
     def __init__(self, policy, host: str = "127.0.0.1", port: int = 8000, *, max_batch: int = 8,
@@ -213,6 +217,8 @@ class PolicyServer:
 
         self._loop = asyncio.get_running_loop()
         self._arrived, self._stop = asyncio.Event(), asyncio.Event()
+        # on the model thread, before listening: the first request of each batch size is served warm
+        self.metadata["fast_path"] = await self._loop.run_in_executor(self._executor, self.warm_up)
         self._ws_server = await serve(
             self._handle, self.host, self.port, process_request=self._process_request,
             max_size=self.max_message_bytes, compression=None, ping_interval=20, ping_timeout=60,
@@ -234,6 +240,21 @@ class PolicyServer:
             batcher.cancel()
             self._executor.shutdown(wait=True)
             log.info(self.stats.format())
+
+    def warm_up(self) -> dict[str, Any] | None:
+        """Warm the policy's fast path up for batch sizes 1..max_batch; None when it is off."""
+        from parapolicy.accel import active_fast_path, warm_up
+
+        if active_fast_path(self.policy) is None:
+            return None
+        backends, seconds = {}, 0.0
+        for batch in range(1, self.max_batch + 1):
+            done = warm_up(self.policy, batch)
+            backends.update(done.get("backends", {}))
+            seconds += done.get("warmup_s", 0.0)
+        if seconds:
+            log.info("fast path warmed up for batch sizes 1..%d in %.1f s", self.max_batch, seconds)
+        return {"backends": backends, "warmup_s": seconds}
 
     def request_stop(self) -> None:
         """Graceful shutdown (thread-safe): no new connections, in-flight requests are answered."""
