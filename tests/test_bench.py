@@ -212,3 +212,69 @@ def test_bench_on_env_observations_prints_robosuite_lines_once(files, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "using env" in proc.stdout  # the env path really ran
     assert "robosuite" not in proc.stdout and "private macro file" not in proc.stderr
+
+
+def test_dp_networks_have_diffusion_policy_sizes():
+    """With Square's dims (23-dim obs x 2 steps, 7-dim actions), dp_lowdim is DP's 65.9M low-dim U-Net;
+    dp_image is DP's 255.6M hybrid-image U-Net (10-dim actions, 2 x 64 + 9 features per step).
+    Counted on the meta device: no memory, no weights."""
+    import torch
+
+    from parapolicy.bench.networks import DP_NETWORKS, network_config
+    from parapolicy.policy import ConditionalUnet1D
+
+    base = tiny_policy().config
+    assert (base.obs_dim, base.action_dim, base.n_obs_steps) == (23, 7, 2)
+    counts = {}
+    for name, spec in DP_NETWORKS.items():
+        config = network_config(spec, base)
+        with torch.device("meta"):
+            counts[name] = sum(p.numel() for p in ConditionalUnet1D(**config.network_kwargs()).parameters())
+        assert counts[name] == spec.num_parameters
+    assert counts == {"dp_lowdim": 65_878_279, "dp_image": 255_612_042}
+    assert network_config(DP_NETWORKS["dp_image"], base).global_cond_dim == 274
+
+
+def test_built_network_takes_its_own_dims_and_the_checkpoints_schedule():
+    """Another conditioning width gets the identity normaliser (random features in [-1, 1]); the same
+    width keeps the checkpoint's normaliser; both keep horizon, scheduler and sampler."""
+    import torch
+
+    from parapolicy.bench.networks import NetworkSpec, build_network, network_names
+
+    policy = tiny_policy()
+    policy.normalizer.obs.set_stats(torch.full((23,), -3.0), torch.full((23,), 5.0))
+    image = build_network("dp_image", policy, spec=NetworkSpec((16, 32), 16, action_dim=10, obs_dim=137))
+    assert image.config.global_cond_dim == 274 and image.config.action_dim == 10 and image.config.obs_keys == []
+    assert image.normalizer.obs.min.tolist() == [-1.0] * 137 and image.sampler_name == policy.sampler_name
+    assert image.scheduler_config == policy.scheduler_config and image.config.horizon == policy.config.horizon
+    out = image.predict_action(torch.rand(3, 2, 137) * 2 - 1, generator=torch.Generator().manual_seed(0))
+    assert out["action_pred"].shape == (3, 16, 10) and torch.isfinite(out["action_pred"]).all()
+    same = build_network("dp_lowdim", policy, spec=NetworkSpec((16, 32), 16))
+    assert same.normalizer.obs.min.tolist() == [-3.0] * 23 and same.config.obs_keys == policy.config.obs_keys
+    assert build_network("checkpoint", policy) is policy
+    assert network_names(["dp_image", "checkpoint", "dp_image"]) == ["dp_image", "checkpoint"]
+    with pytest.raises(ValueError, match="unknown network"):
+        network_names("dp_huge")
+
+
+def test_bench_cli_times_a_dp_size_network(files, tmp_path):
+    """network=dp_lowdim: the sampler rows and the model run DP's 65.9M U-Net (random weights) on the
+    checkpoint's observations; the denoiser curve starts with it."""
+    checkpoint, dataset = files
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "parapolicy.bench", f"checkpoint={checkpoint}", f"dataset={dataset}",
+           "obs_source=dataset", "n_obs=2", "network=dp_lowdim", "samplers=[paraddpm]", "num_inference_steps=3",
+           "repetitions=1", "warmup=0", "batch_sizes=[1]", "windows=[]", "denoiser.k=[1,2]",
+           "denoiser.repetitions=1", "denoiser.warmup=0", "fast_path=off", "plots=false",
+           "torch_threads=1", "progress_bar=false", f"out={out}", f"hydra.run.dir={tmp_path / 'hydra'}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "network dp_lowdim, 65.9M" in proc.stdout
+    result = json.loads((out / "bench.json").read_text())
+    net = result["meta"]["network"]
+    assert net["name"] == "dp_lowdim" and net["num_parameters"] == 65_878_279 and net["random_weights"]
+    assert net["down_dims"] == [256, 512, 1024] and result["meta"]["obs_source"].startswith("dataset")
+    assert {r["label"] for r in result["samplers"]} == {"paraddpm-3", "ddpm-3"}
+    assert {r["network"] for r in result["denoiser"]} == {"dp_lowdim"}
+    assert all(r["predicted_ms"] > 0 for r in result["samplers"])  # the model reads the dp_lowdim curve

@@ -1,0 +1,112 @@
+"""Networks the bench can time besides the checkpoint's: Diffusion Policy's own sizes, with random weights.
+
+The shipped policies use a 4.6M-parameter U-Net (down_dims 64/128/256), small enough that a call is
+mostly Python and kernel-launch overhead. Diffusion Policy's published networks are 14x and 55x
+larger, where a denoiser call is compute- or memory-bound and a Picard round of K stacked timesteps
+costs a different multiple of one step. ``network=dp_lowdim`` / ``network=dp_image`` (or
+``denoiser.networks``) build them at those sizes; weights are random (seeded), since latency does not
+depend on their values, but the number of Picard rounds a parallel sampler needs does: read rounds and
+deviations of these rows as those of an untrained network.
+
+- ``dp_lowdim``: DP's low-dim default (``diffusion_unet_lowdim``): down_dims 256/512/1024,
+  diffusion_step_embed_dim 256, kernel 5, 8 groups, with the checkpoint's obs and action dims
+  (Square: 23-dim obs x 2 steps, 7-dim actions: 65,878,279 parameters) and its normaliser, so the
+  checkpoint's observations feed it.
+- ``dp_image``: the U-Net of DP's hybrid image policy (``diffusion_unet_hybrid_image``, Square):
+  down_dims 512/1024/2048, diffusion_step_embed_dim 128, conditioned per observation step on
+  2 cameras x 64 robomimic encoder features + 9 low-dim features (eef pos 3, quat 4, gripper 2),
+  10-dim absolute actions: 255,612,042 parameters. Its conditioning here is that 137-dim feature
+  vector drawn at random (identity normaliser); the image encoder that would produce it is not part
+  of this network, so its share of a call is not in these rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+CHECKPOINT = "checkpoint"
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """A U-Net size; ``None`` fields take the checkpoint's value."""
+
+    down_dims: tuple[int, ...]
+    diffusion_step_embed_dim: int
+    kernel_size: int = 5
+    n_groups: int = 8
+    action_dim: Optional[int] = None
+    obs_dim: Optional[int] = None  # conditioning features per observation step
+    num_parameters: Optional[int] = None  # with the stated dims, checked by the tests
+    description: str = ""
+
+
+DP_NETWORKS = {
+    "dp_lowdim": NetworkSpec(
+        down_dims=(256, 512, 1024), diffusion_step_embed_dim=256, num_parameters=65_878_279,
+        description="Diffusion Policy's low-dim U-Net (256/512/1024, step embedding 256), random weights"),
+    "dp_image": NetworkSpec(
+        down_dims=(512, 1024, 2048), diffusion_step_embed_dim=128, action_dim=10, obs_dim=2 * 64 + 9,
+        num_parameters=255_612_042,
+        description="Diffusion Policy's hybrid-image U-Net (512/1024/2048, step embedding 128, 10-dim actions, "
+                    "2 cameras x 64 + 9 low-dim conditioning features per step), random weights, no encoder"),
+}
+NETWORKS = (CHECKPOINT, *DP_NETWORKS)
+
+
+def network_names(names: Any) -> list[str]:
+    """Validated network names, in order, without repeats."""
+    out = []
+    for name in [names] if isinstance(names, str) else list(names or []):
+        name = str(name)
+        if name not in NETWORKS:
+            raise ValueError(f"unknown network {name!r}: choose from {', '.join(NETWORKS)}")
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def network_config(spec: NetworkSpec, base):
+    """The ``DiffusionPolicyConfig`` of ``spec`` on top of ``base`` (the checkpoint's config)."""
+    from parapolicy.policy import DiffusionPolicyConfig
+
+    obs_dim = spec.obs_dim or base.obs_dim
+    return DiffusionPolicyConfig.from_dict({
+        **base.to_dict(),
+        "down_dims": list(spec.down_dims),
+        "diffusion_step_embed_dim": spec.diffusion_step_embed_dim,
+        "kernel_size": spec.kernel_size,
+        "n_groups": spec.n_groups,
+        "action_dim": spec.action_dim or base.action_dim,
+        "obs_dim": obs_dim,
+        "obs_keys": base.obs_keys if obs_dim == base.obs_dim else [],  # features, not robosuite keys
+    })
+
+
+def build_network(name: str, policy, seed: int = 0, spec: Optional[NetworkSpec] = None):
+    """A ``DiffusionPolicy`` of network ``name`` on ``policy``'s device, in eval mode, with the
+    checkpoint's horizon, observation steps, scheduler and sampler; ``"checkpoint"`` returns
+    ``policy`` itself. Same obs dims: the checkpoint's normaliser; other obs dims: the identity one
+    (features in [-1, 1]). ``spec`` builds another size under ``name``."""
+    import torch
+
+    from parapolicy.policy import DiffusionPolicy
+
+    if name == CHECKPOINT and spec is None:
+        return policy
+    config = network_config(spec or DP_NETWORKS[name], policy.config)
+    base = policy.config
+    torch.manual_seed(int(seed))
+    net = DiffusionPolicy(config, scheduler_config=policy.scheduler_config)
+    if config.obs_dim == base.obs_dim:
+        net.normalizer.obs.load_state_dict(policy.normalizer.obs.state_dict())
+    if config.action_dim == base.action_dim:
+        net.normalizer.action.load_state_dict(policy.normalizer.action.state_dict())
+    net.set_sampler(policy.sampler_name, policy.num_inference_steps, **policy.sampler_options)
+    net.fast_path = policy.fast_path
+    return net.to(policy.device).eval()
+
+
+def num_parameters(policy) -> int:
+    return sum(p.numel() for p in policy.model.parameters())

@@ -1,0 +1,159 @@
+"""``run_bench``: load the policy, build the jobs, time every phase, write ``bench.json`` and the plots."""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from parapolicy.bench.denoiser import add_predictions, denoiser_networks, time_denoiser
+from parapolicy.bench.jobs import build_jobs, fast_modes
+from parapolicy.bench.networks import CHECKPOINT, DP_NETWORKS, build_network, network_names, num_parameters
+from parapolicy.bench.observations import load_observations
+from parapolicy.bench.plots import make_plots
+from parapolicy.bench.report import format_denoiser_table, format_headline, format_table
+from parapolicy.bench.timing import headline, summarize_phase, time_phase
+from parapolicy.configs import resolve_checkpoint
+from parapolicy.devices import device_name, pick_device
+
+
+def resolve_fast_path(cfg: DictConfig, device) -> Optional[dict]:
+    """FastPath options of the fast mode (None when no mode runs the fast path)."""
+    options = OmegaConf.to_container(cfg.fast_path_options, resolve=True) if cfg.fast_path_options else {}
+    if "on" not in fast_modes(cfg, device):
+        if options:
+            raise ValueError("fast_path_options need fast_path=on or both (auto uses them only on CUDA)")
+        return None
+    return options
+
+
+def run_bench(cfg: DictConfig, out_dir: Path) -> dict:
+    import torch
+    from tqdm import tqdm
+
+    from parapolicy.accel import FastPath
+    from parapolicy.policy import load_policy
+    from parapolicy.policy.checkpoint import git_commit
+
+    started = time.perf_counter()
+    for key in ("repetitions", "warmup"):
+        if int(cfg[key]) < (1 if key == "repetitions" else 0):
+            raise ValueError(f"{key} must be >= {1 if key == 'repetitions' else 0}, got {cfg[key]}")
+    batch_sizes = [int(b) for b in cfg.batch_sizes]
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise ValueError(f"batch_sizes must be a non-empty list of positive integers, got {list(cfg.batch_sizes)}")
+    if cfg.torch_threads:
+        torch.set_num_threads(int(cfg.torch_threads))
+    device = pick_device(str(cfg.device))
+    checkpoint = resolve_checkpoint(str(cfg.checkpoint))
+    notes: list[str] = []
+    modes = tuple(fast_modes(cfg, device))
+    fast_options = resolve_fast_path(cfg, device)
+
+    checkpoint_policy = load_policy(str(checkpoint), device=str(device), fast_path="off")
+    (network,) = network_names(cfg.get("network") or CHECKPOINT)
+    # the policy every sampler row runs: the checkpoint's, or a Diffusion Policy-size network with
+    # random weights and the checkpoint's horizon, scheduler and (where the dims match) normaliser
+    policy = build_network(network, checkpoint_policy, int(cfg.seed))
+    fast_policy = None
+    if "on" in modes:
+        fast_policy = copy.copy(policy)  # same network; one fast path shared by every fast job
+        fast_policy.fast_path = FastPath(**fast_options)
+    source = None
+    if policy.config.obs_dim != checkpoint_policy.config.obs_dim and str(cfg.obs_source) != "random":
+        source = "random"  # the checkpoint's observations do not fit this network's conditioning
+        notes.append(f"network {network}: {policy.config.obs_dim} conditioning features per step, not the "
+                     f"checkpoint's {checkpoint_policy.config.obs_dim}: random observations")
+    obs_pool, obs_source = load_observations(cfg, policy, notes, source)
+    obs_pool = obs_pool.to(device)
+    phases = build_jobs(cfg, policy, notes, modes, fast_policy)
+    networks = denoiser_networks(cfg, checkpoint_policy, (network, policy)) if cfg.denoiser.k else []
+
+    with torch.inference_mode():
+        n_calls = len(phases["samplers"]) * len(batch_sizes) * int(cfg.repetitions) \
+            + len(phases["windows"]) * int(cfg.repetitions)
+        bar = tqdm(total=n_calls, desc="bench", unit="call", disable=not cfg.progress_bar)
+        result: dict[str, Any] = {"samplers": [], "windows": [], "denoiser": []}
+        try:
+            if phases["samplers"]:
+                for batch in batch_sizes:
+                    bar.set_postfix(phase="samplers", batch=batch)
+                    records = time_phase(phases["samplers"], obs_pool, batch, cfg, device, bar)
+                    result["samplers"] += summarize_phase("samplers", phases["samplers"], batch, records)
+            if phases["windows"]:
+                bar.set_postfix(phase="windows", batch=1)
+                records = time_phase(phases["windows"], obs_pool, 1, cfg, device, bar)
+                result["windows"] += summarize_phase("windows", phases["windows"], 1, records)
+        finally:
+            bar.close()
+        if networks:
+            result["denoiser"] = time_denoiser(cfg, networks, obs_pool, device, fast_options, notes, modes=modes)
+    add_predictions(result, network)
+    result["headline"] = headline(result["samplers"]) + headline(result["windows"])
+
+    fast = fast_policy.fast_path if fast_policy is not None else None
+    result["meta"] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python -m parapolicy.bench", *sys.argv[1:]]),
+        "git_commit": git_commit(),
+        "torch_version": torch.__version__,
+        "device": str(device),
+        "device_name": device_name(device),
+        "torch_threads": torch.get_num_threads(),
+        "checkpoint": str(checkpoint),
+        "network": {"name": network, "num_parameters": num_parameters(policy), "down_dims": list(policy.config.down_dims),
+                    "diffusion_step_embed_dim": policy.config.diffusion_step_embed_dim,
+                    "obs_dim": policy.config.obs_dim, "action_dim": policy.config.action_dim,
+                    "random_weights": network != CHECKPOINT,
+                    "description": DP_NETWORKS[network].description if network in DP_NETWORKS else "the checkpoint's"},
+        "env": str(cfg.env.name),
+        "preset": cfg.get("preset_name"),
+        "obs_source": obs_source,
+        "n_obs": int(cfg.n_obs),
+        "seed": int(cfg.seed),
+        "repetitions": int(cfg.repetitions),
+        "warmup": int(cfg.warmup),
+        "batch_sizes": batch_sizes,
+        "fast_path_modes": list(modes),
+        "fast_path": None if fast is None else {**fast.options(), "stats": fast.stats.as_dict()},
+        "jobs": {phase: [job.describe() for job in jobs] for phase, jobs in phases.items()},
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    result["notes"] = notes
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result["meta"]["duration_s"] = time.perf_counter() - started
+    (out_dir / "bench.json").write_text(json.dumps(result, indent=2))
+    result["plots"] = make_plots(result, out_dir) if cfg.plots else []
+
+    meta = result["meta"]
+    warm = "" if fast is None else f" (warm-up {fast.stats.as_dict()['warmup_s_total']:.1f} s, backends " \
+        f"{', '.join(f'{k}: {v}' for k, v in fast.stats.backends.items())})"
+    net = meta["network"]
+    which = "" if network == CHECKPOINT else f" (sampler rows: network {network}, {net['num_parameters'] / 1e6:.1f}M, random weights)"
+    print(f"\n{meta['env']} checkpoint {checkpoint}{which}, {meta['device_name']}, observations: {obs_source}, "
+          f"fast path: {'/'.join(modes)}{warm}, {meta['repetitions']} timed calls each, "
+          f"{meta['duration_s']:.0f} s in all")
+    if result["headline"]:
+        print("\nspeedup over the fastest sequential twin (p50 latency per call):")
+        print(format_headline(result["headline"]))
+    if result["samplers"]:
+        print("\nsamplers (speedup: vs the twin in the same mode; vs best: vs the twin's fastest mode; model: "
+              "rounds x per-call ms from the denoiser curve):")
+        print(format_table(result["samplers"]))
+    if result["windows"]:
+        print("\nwindow sweep (batch 1):")
+        print(format_table(result["windows"]))
+    if result["denoiser"]:
+        print("\nbare denoiser, K stacked timesteps per call (gain: K evals vs K calls at the smallest K):")
+        print(format_denoiser_table(result["denoiser"]))
+    for note in notes + ([] if fast is None else [f"fast path: {n}" for n in fast.stats.notes]):
+        print(f"note: {note}")
+    print(f"results: {out_dir}")
+    return result
+
