@@ -185,6 +185,10 @@ class DiffusionPolicy(nn.Module):
         x_T: torch.Tensor | None = None,
         init: torch.Tensor | None = None,
         warm_from: torch.Tensor | None = None,
+        warm_shift: int | None = None,
+        prefix: torch.Tensor | None = None,
+        prefix_weights: torch.Tensor | None = None,
+        prefix_noise: torch.Tensor | None = None,
     ) -> dict[str, Any]:
         """Plan actions for a batch of observation histories.
 
@@ -193,9 +197,18 @@ class DiffusionPolicy(nn.Module):
         per-step DDPM noise, so different samplers can be compared on the same randomness); ``init``
         is a parallel sampler's warm-start trajectory (e.g. a previous ``trajectory``). ``warm_from``
         ``[B, horizon, A]`` is the previous call's normalised ``sample``: shifted left by
-        ``n_action_steps`` (the actions executed since, last action repeated) it becomes the guess of
+        ``warm_shift`` (default ``n_action_steps``: the actions executed since, last action repeated) it
+        becomes the guess of
         the clean chunk, and ``init`` is built from it with ``warm_start_rule``. x_T and the noise stay
         authoritative, so the converged result is unchanged (within the tolerance); only rounds drop.
+
+        ``prefix`` ``[B, L, A]`` (raw units, L <= horizon): known values of the chunk's first L positions,
+        e.g. the actions a robot executes while this chunk is planned (real-time chunking). They are
+        imposed before every model evaluation, noised to its timestep with ``prefix_noise`` ``[B, L, A]``
+        (unit Gaussians, drawn from ``generator`` if None; one draw per call, so parallel samplers solve
+        the same problem as sequential ones), and on the final chunk. ``prefix_weights`` ``[B, L]`` or
+        ``[L]`` in [0, 1] (default 1: imposed exactly) blend them with the model's values instead.
+        See ``parapolicy.samplers.constraints``.
 
         Returns ``action [B, n_action_steps, A]`` (the executed slice), ``action_pred [B, horizon, A]``
         in raw units, and the sampler's ``rounds``, ``model_evals``, ``converged``, ``errors``,
@@ -223,14 +236,22 @@ class DiffusionPolicy(nn.Module):
             from parapolicy.accel import apply_fast_path
 
             denoise = apply_fast_path(self, denoise, global_cond)
+        constraint = None
+        if prefix is not None:
+            constraint = self._prefix_constraint(prefix, prefix_weights, prefix_noise, batch, generator)
+            denoise = constraint.wrap(denoise)
+        elif prefix_weights is not None or prefix_noise is not None:
+            raise ValueError("prefix_weights and prefix_noise need a prefix")
         sampler = self.sampler
         if warm_from is not None and init is None and sampler.is_parallel:
             if sampler.is_stochastic and noise is None:  # the guess must see the noise the solve will use
                 noise = sampler.unit_noise(x_T, None, generator)
-            guess = shift_chunk(warm_from.to(self.device, torch.float32), cfg.n_action_steps)
+            shift = cfg.n_action_steps if warm_shift is None else int(warm_shift)
+            guess = shift_chunk(warm_from.to(self.device, torch.float32), shift)
             init = sampler.guess_trajectory(x_T, guess, noise, rule=self.warm_start_rule)
         out = sampler.sample(denoise, x_T, noise=noise, generator=generator, init=init)
-        action_pred = self.normalizer.action.unnormalize(out.sample)
+        sample = out.sample if constraint is None else constraint.finish(out.sample)
+        action_pred = self.normalizer.action.unnormalize(sample)
         start = cfg.action_start
         return {
             "action": action_pred[:, start : start + cfg.n_action_steps],
@@ -240,8 +261,31 @@ class DiffusionPolicy(nn.Module):
             "converged": getattr(out, "converged", None),
             "errors": getattr(out, "errors", None),
             "trajectory": getattr(out, "trajectory", None),
-            "sample": out.sample,
+            "sample": sample,
         }
+
+    def _prefix_constraint(self, prefix, weights, eta, batch: int, generator):
+        """``predict_action``'s prefix arguments, checked and normalised -> a ``PrefixConstraint``."""
+        from parapolicy.samplers.constraints import PrefixConstraint
+
+        cfg = self.config
+        prefix = torch.as_tensor(prefix, dtype=torch.float32, device=self.device)
+        if prefix.ndim != 3 or prefix.shape[0] != batch or prefix.shape[2] != cfg.action_dim or not (
+                1 <= prefix.shape[1] <= cfg.horizon):
+            raise ValueError(f"prefix must have shape [B={batch}, L, {cfg.action_dim}] with 1 <= L <= "
+                             f"{cfg.horizon}, got {list(prefix.shape)}")
+        length = prefix.shape[1]
+        if weights is None:
+            weights = torch.ones((batch, length), device=self.device)
+        weights = torch.as_tensor(weights, dtype=torch.float32, device=self.device)
+        if weights.ndim == 1:
+            weights = weights.expand(batch, -1)
+        if eta is None:
+            gen_device = generator.device if generator is not None else self.device
+            eta = torch.randn(prefix.shape, generator=generator, device=gen_device)
+        eta = torch.as_tensor(eta, dtype=torch.float32).to(self.device)
+        return PrefixConstraint(self.normalizer.action.normalize(prefix), weights, eta,
+                                self.noise_scheduler.alphas_cumprod)
 
     # ------------------------------------------------------------------ control-loop API
     def reset(self) -> None:
