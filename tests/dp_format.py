@@ -195,8 +195,10 @@ def write_dp_checkpoint(
     ema_sd: dict[str, torch.Tensor] | None = None,
     global_step: int = 1234,
     epoch: int = 56,
+    extra_pickles: dict[str, bytes] | None = None,
 ) -> Path:
-    """``BaseWorkspace.save_checkpoint`` (no thread): torch.save(payload, pickle_module=dill)."""
+    """``BaseWorkspace.save_checkpoint`` (no thread): torch.save(payload, pickle_module=dill).
+    ``extra_pickles``: more raw blobs for the ``pickles`` entry (e.g. a hostile one)."""
     path = Path(path)
     params = [torch.nn.Parameter(torch.zeros(2))]
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.95, 0.999), eps=1e-8, weight_decay=1e-6)
@@ -211,6 +213,7 @@ def write_dp_checkpoint(
             "global_step": dill.dumps(global_step),
             "epoch": dill.dumps(epoch),
             "_output_dir": dill.dumps("data/outputs/2023.01.01/00.00.00_train_diffusion_unet_lowdim_square_lowdim"),
+            **(extra_pickles or {}),
         },
     }
     with path.open("wb") as f:
@@ -218,7 +221,8 @@ def write_dp_checkpoint(
     return path
 
 
-def dp_checkpoint_from_policy(path: str | Path, policy: Any, ema_policy: Any = None, **cfg_kwargs: Any) -> Path:
+def dp_checkpoint_from_policy(path: str | Path, policy: Any, ema_policy: Any = None,
+                              extra_pickles: dict[str, bytes] | None = None, **cfg_kwargs: Any) -> Path:
     """A DP checkpoint holding ``policy``'s weights (``ema_model`` from ``ema_policy``, default the same) and
     DP's limits normaliser fitted to the same ranges; ``cfg_kwargs`` go to ``dp_config``."""
     cfg_kwargs.setdefault("obs_dim", policy.config.obs_dim)
@@ -230,7 +234,7 @@ def dp_checkpoint_from_policy(path: str | Path, policy: Any, ema_policy: Any = N
     model_sd = dp_state_dict(policy, *norm)
     # no separate EMA copy: the same tensors (torch.save stores shared storages once: a smaller file)
     ema_sd = dp_state_dict(ema_policy, *norm) if ema_policy is not None else dict(model_sd)
-    return write_dp_checkpoint(path, dp_config(**cfg_kwargs), model_sd, ema_sd)
+    return write_dp_checkpoint(path, dp_config(**cfg_kwargs), model_sd, ema_sd, extra_pickles=extra_pickles)
 
 
 class Malicious:

@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 import torch
 
-from parapolicy.importers.safe_pickle import inert_to_plain, safe_loads, safe_torch_load
+from parapolicy.importers.safe_pickle import UnsafePickleError, inert_to_plain, safe_loads, safe_torch_load
 from parapolicy.policy.configuration import DiffusionPolicyConfig
 
 FORMAT = "diffusion_policy.workspace"
@@ -94,8 +94,13 @@ def read_dp_checkpoint(path: str | Path) -> DPCheckpoint:
     pickles: dict[str, Any] = {}
     for key, blob in dict(payload.get("pickles") or {}).items():
         # global_step / epoch / _output_dir: provenance only, read with the same restricted unpickler.
+        # A blob that names a forbidden global refuses the whole file (as in cfg / state_dicts); one that
+        # is merely unreadable is dropped, since nothing but provenance comes from here.
         try:
             value = safe_loads(blob) if isinstance(blob, (bytes, bytearray)) else None
+        except UnsafePickleError as err:
+            raise ValueError(f"{what}: refused, its pickles[{str(key)!r}] entry asks for {err.global_name!r}, "
+                             f"which is not a tensor, container or config object; nothing from it was run") from err
         except Exception:
             value = None
         if isinstance(value, (int, float, str)) and not isinstance(value, bool):
