@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -20,22 +19,12 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger("parapolicy.serve")
 
 
-def resolve_checkpoint(name: str) -> Path:
-    """A checkpoint folder (relative to the working directory or the repository) or a shipped name."""
-    from parapolicy.eval import REPO_ROOT
-    from parapolicy.policy.checkpoint import resolve_checkpoint as by_name
-
-    for candidate in (Path(name), REPO_ROOT / name):
-        if (candidate / "config.json").is_file():
-            return candidate
-    return by_name(name)
-
-
 def build_server(cfg: DictConfig):
     """Load the policy with its sampler and build the ``PolicyServer`` (fails on bad values before listening)."""
     import torch
 
-    from parapolicy.eval import pick_device, sampler_kwargs
+    from parapolicy.configs import resolve_checkpoint, sampler_kwargs
+    from parapolicy.devices import pick_device
     from parapolicy.policy import load_policy
     from parapolicy.serving.server import PolicyServer
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from parapolicy.metrics import summarize_run, wilson_interval
+from parapolicy.evaluation.metrics import summarize_run, wilson_interval
 
 LIFT_KEYS = ["object", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos"]
 FAST = ["env=lift", "sampler.num_inference_steps=8", "max_episode_steps=12", "progress_bar=false",
@@ -173,7 +173,7 @@ def test_bad_config_fails_before_any_env_starts(override, message, tmp_path):
 
 def test_baseline_by_registered_sampler_name():
     """A baseline may name a registered sampler without a config file (parasrdsddim lives in srds.yaml)."""
-    from parapolicy.eval import sampler_config, sampler_kwargs
+    from parapolicy.configs import sampler_config, sampler_kwargs
 
     name, steps, options = sampler_kwargs(sampler_config("parasrdsddim"))
     assert (name, steps, options) == ("parasrdsddim", None, {})
@@ -187,7 +187,8 @@ def plan(*overrides, checkpoint="checkpoints/lift"):
     """(label, steps, role) of every run an eval with these overrides would make (no simulator)."""
     from hydra import compose, initialize_config_module
 
-    from parapolicy.eval import plan_runs, resolve_checkpoint
+    from parapolicy.configs import resolve_checkpoint
+    from parapolicy.evaluation.runs import plan_runs
 
     with initialize_config_module("parapolicy.conf", version_base=None):
         cfg = compose("eval", overrides=["env=lift", *overrides])
@@ -225,7 +226,7 @@ def test_bad_step_counts_fail_in_validate(override, message):
     """validate() (it runs before any env is made; see the subprocess test above) rejects them."""
     from hydra import compose, initialize_config_module
 
-    from parapolicy.eval import validate
+    from parapolicy.evaluation import validate
 
     with initialize_config_module("parapolicy.conf", version_base=None):
         cfg = compose("eval", overrides=["env=lift", "checkpoint=checkpoints/lift", override])
@@ -236,7 +237,8 @@ def test_bad_step_counts_fail_in_validate(override, message):
 def test_baselines_inherit_the_samplers_timestep_spacing():
     from hydra import compose, initialize_config_module
 
-    from parapolicy.eval import plan_runs, resolve_checkpoint
+    from parapolicy.configs import resolve_checkpoint
+    from parapolicy.evaluation.runs import plan_runs
 
     overrides = ["env=lift", "sampler=paraddim", "sampler.timestep_spacing=trailing",
                  "baseline=[ddim,{name:ddim,timestep_spacing:leading}]"]
@@ -292,7 +294,7 @@ def test_baselines_with_their_own_steps_closed_loop(checkpoint, tmp_path):
 
 def test_report_shows_each_runs_steps(tmp_path):
     """parapolicy.report: steps per run from summary.json (older summaries: the sampler's for all)."""
-    from parapolicy.report import collect_rows, format_rows
+    from parapolicy.evaluation.report import collect_rows, format_rows
 
     run = {"success_rate": 0.5, "success_ci95": [0.1, 0.9], "n_episodes": 2, "latency_ms": {"p50": 10.0},
            "rounds_mean": 4.0, "model_evals_mean": 40.0}

@@ -365,9 +365,9 @@ def test_closed_loop_episode_through_the_server_reproduces_the_in_process_eval(t
     from hydra import compose, initialize_config_module
 
     from parapolicy.envs import make_env
-    from parapolicy.eval import run_eval
+    from parapolicy.evaluation import run_eval
     from parapolicy.runner import PolicyRunner
-    from parapolicy.serving.remote_runner import run_episode
+    from parapolicy.evaluation.remote import run_episode
 
     policy = tiny_policy(seed=7)  # Square's observation layout
     policy.set_sampler("paraddpm", 10, window=4, tolerance=0.1, warm_start=True)

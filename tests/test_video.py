@@ -17,7 +17,7 @@ STEPS = 10
 
 @pytest.fixture(scope="module")
 def gl_backend():
-    from parapolicy.video import available_gl_backend
+    from parapolicy.envs.opengl import available_gl_backend
 
     backend = available_gl_backend()
     if backend is None:
@@ -100,6 +100,6 @@ def test_missing_gl_library_is_named_in_one_line(tmp_path):
            f"hydra.run.dir={tmp_path}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode != 0
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("RuntimeError: video=true needs offscreen")]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("RuntimeError: offscreen rendering (video=true")]
     assert len(lines) == 1 and "libOSMesa.so not found" in lines[0] and "libosmesa6" in lines[0], proc.stderr[-2000:]
     assert not (tmp_path / "episodes.jsonl").exists()

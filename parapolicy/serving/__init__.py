@@ -4,7 +4,7 @@
     from parapolicy.client import RemotePolicy                                # the robot side
 
 ``codec`` (msgpack with numpy arrays), ``protocol`` (messages, version), ``server`` (``PolicyServer``,
-``ServerThread``), ``remote_runner`` (closed-loop eval through a server).
+``ServerThread``); the closed-loop eval through a server is ``parapolicy.evaluation.remote``.
 """
 
 from parapolicy.serving.protocol import PROTOCOL_VERSION

@@ -1,7 +1,7 @@
 """Where an eval's episodes run: in this process (``executor=local``) or on Ray workers (``executor=ray``).
 
 An executor gets the eval's runs (``{label: policy}``), the episodes still to do and a ``record(label,
-episode, rec)`` callback; the driver (``parapolicy.eval.run_eval``) writes every record to
+episode, rec)`` callback; the driver (``parapolicy.evaluation.driver.run_eval``) writes every record to
 ``episodes.jsonl`` as it arrives, then the summary, plot and table. Episode ``e`` always uses seed
 ``seed + e`` and its own noise generator (``parapolicy.runner``), so where it runs does not change it.
 
@@ -93,7 +93,8 @@ class EpisodeWorker:
 
         import torch
 
-        from parapolicy.eval import _device_name, build_runs, pick_device
+        from parapolicy.devices import device_name, pick_device
+        from parapolicy.evaluation.runs import build_runs
         from parapolicy.policy import load_policy
         from parapolicy.runner import make_vector_env
 
@@ -114,7 +115,7 @@ class EpisodeWorker:
         self.envs = make_vector_env(env_name, 1, max_episode_steps)
         self.crash = crash
         self.host = socket.gethostname()
-        self.device_name = _device_name(device)
+        self.device_name = device_name(device)
 
     def info(self) -> dict:
         return {"host": self.host, "device": self.device_name, "pid": os.getpid()}

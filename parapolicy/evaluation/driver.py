@@ -1,0 +1,195 @@
+"""The closed-loop eval behind ``python -m parapolicy.eval``: plan the runs, run the episodes, summarise.
+
+``run_eval(cfg, out_dir)`` takes the composed ``conf/eval.yaml`` and writes into ``out_dir``:
+``episodes.jsonl`` (``episode_log``), ``summary.json``, ``latency.png`` (and ``videos/`` with
+``video=true``). Where the episodes run is the executor's business (``executors``: this process or Ray
+workers; ``remote``: a policy server); episode e has seed ``seed + e`` wherever it runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from parapolicy.configs import resolve_checkpoint, sampler_kwargs
+from parapolicy.evaluation.episode_log import EpisodeLog, summarize
+from parapolicy.evaluation.runs import RunSpec, build_runs, check_episodes, plan_runs
+
+
+def validate(cfg: DictConfig) -> tuple[Path, list[RunSpec]]:
+    """Fail on bad values before any simulator starts; returns the checkpoint folder and the runs."""
+    from parapolicy.evaluation.video import validate_video
+
+    check_episodes(cfg)
+    checkpoint = resolve_checkpoint(str(cfg.checkpoint))
+    specs = plan_runs(cfg, checkpoint)
+    validate_video(cfg)
+    return checkpoint, specs
+
+
+def _progress(cfg: DictConfig, total: int, initial: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="ep", disable=not cfg.progress_bar)
+
+
+def _episode_range(cfg: DictConfig) -> range:
+    # episode e has seed `seed + e` whichever process runs it, so a run split over processes by
+    # first_episode gives the same episodes as one run
+    return range(int(cfg.get("first_episode", 0)), int(cfg.n_episodes))
+
+
+def run_eval(cfg: DictConfig, out_dir: Path) -> dict:
+    """The whole evaluation; returns the summary dict (also written to ``out_dir/summary.json``)."""
+    import torch
+
+    from parapolicy.accel import warm_up
+    from parapolicy.devices import device_name, pick_device
+    from parapolicy.evaluation.executors import make_executor
+    from parapolicy.evaluation.metrics import format_table, plot_latency
+    from parapolicy.policy import load_policy
+
+    if cfg.get("server"):  # closed loop through a running policy server (python -m parapolicy.serve)
+        return run_server_eval(cfg, out_dir)
+    checkpoint, specs = validate(cfg)
+    if cfg.torch_threads:
+        torch.set_num_threads(int(cfg.torch_threads))
+    device = pick_device(str(cfg.device))
+    name, steps, options = sampler_kwargs(cfg.sampler)
+    policy = load_policy(str(checkpoint), sampler=name, device=str(device), num_inference_steps=steps,
+                         fast_path=cfg.get("fast_path", "auto"), **options)  # baselines share it (one per network)
+    obs_dim = _task_obs_dim(cfg.env.name)
+    if policy.config.obs_dim != obs_dim:
+        raise ValueError(f"checkpoint {checkpoint} expects obs_dim={policy.config.obs_dim}, env "
+                         f"{cfg.env.name!r} gives {obs_dim}: wrong checkpoint for this env?")
+
+    runs = build_runs(policy, specs)  # labels and schedule lengths: plan_runs
+    fast_path_warmup = {lbl: warm_up(p, int(cfg.n_envs)) for lbl, p in runs.items()}  # before any timed call
+    label = specs[0].label
+    baseline_label = list(runs)[1] if len(runs) > 1 else None  # the speedup is against the first baseline
+    shadow = runs[baseline_label] if cfg.shadow and baseline_label else None
+
+    wanted = _episode_range(cfg)
+    log = EpisodeLog(out_dir / "episodes.jsonl", bool(cfg.resume), specs)
+    done = log.done()
+    executor = make_executor(cfg, checkpoint, specs)  # local: runs interleaved batch by batch; ray: workers
+    bar = _progress(cfg, len(wanted) * len(runs), len(done & {(r, e) for r in runs for e in wanted}),
+                    f"eval {cfg.env.name}")
+
+    def record(run: str, episode: int, rec: dict) -> None:  # every finished episode, as it arrives
+        log.append(run, episode, rec)
+        bar.update(1)
+        bar.set_postfix({lbl: f"{sum(ep['success'] for ep in log.episodes if ep['run'] == lbl)}"
+                              f"/{sum(ep['run'] == lbl for ep in log.episodes)}" for lbl in runs})
+
+    try:
+        executor.run(runs, label, shadow, wanted, done, int(cfg.seed), record)
+    finally:
+        bar.close()
+        executor.close()
+        log.close()
+    if cfg.get("video"):  # a replay with rendering, after the timed episodes
+        from parapolicy.evaluation.video import record_videos
+
+        record_videos(cfg, out_dir, runs, specs, log.episodes, wanted)
+
+    episodes = [ep for ep in log.episodes if ep["episode"] in wanted]  # a resumed log may hold others
+    summary = {"env": cfg.env.name, "checkpoint": str(checkpoint), "device": device_name(device),
+               "sampler": OmegaConf.to_container(cfg.sampler, resolve=True), "sampler_label": label,
+               "baseline": baseline_label, "baselines": list(runs)[1:],
+               "seed": int(cfg.seed), "first_episode": wanted.start, "n_envs": int(cfg.n_envs),
+               "fast_path": str(cfg.get("fast_path", "auto")), "fast_path_warmup": fast_path_warmup,
+               **executor.describe(),
+               **summarize(episodes, list(runs), baseline_label, specs)}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    latencies = {lbl: [c["latency_ms"] for ep in episodes if ep["run"] == lbl for c in ep["calls"]] for lbl in runs}
+    plot_latency(latencies, out_dir / "latency.png")
+    print(f"\n{cfg.env.name}: {len(wanted)} episodes per sampler, seeds {int(cfg.seed) + wanted.start}.."
+          f"{int(cfg.seed) + wanted.stop - 1}, device {summary['device']}, batch {int(cfg.n_envs)}")
+    print(format_table(summary["runs"], summary["speedup_p50"]))
+    print(f"results: {out_dir}")
+    _log_wandb(cfg, summary, latencies, out_dir)
+    return summary
+
+
+def run_server_eval(cfg: DictConfig, out_dir: Path) -> dict:
+    """The eval against the server at ``cfg.server`` (token: ``$PARAPOLICY_TOKEN``). The server's sampler
+    is the one measured; ``baseline`` and ``sampler=`` are not run here."""
+    import numpy as np
+
+    from parapolicy.evaluation.metrics import format_table, latency_stats, summarize_run
+    from parapolicy.evaluation.remote import ServerExecutor
+
+    check_episodes(cfg)
+    url, n_envs = str(cfg.server), int(cfg.n_envs)
+    executor = ServerExecutor(url, cfg.env.name, n_envs, cfg.max_episode_steps)
+    try:
+        meta, label = executor.metadata, executor.label
+        obs_dim = _task_obs_dim(cfg.env.name)
+        if int(meta["obs_dim"]) != obs_dim:
+            raise ValueError(f"server policy expects obs_dim={meta['obs_dim']}, env {cfg.env.name!r} gives {obs_dim}")
+        sampler = meta["sampler"]
+        print(f"eval through {url}: server plans with {sampler['name']} ({sampler['num_inference_steps']} steps, "
+              f"options {sampler['options']}, warm_start {sampler.get('warm_start')}), checkpoint "
+              f"{meta['checkpoint'].get('path')}; this process's sampler / baseline settings are not used")
+        wanted = _episode_range(cfg)
+        log = EpisodeLog(out_dir / "episodes.jsonl", bool(cfg.resume))
+        done = log.done()
+        bar = _progress(cfg, len(wanted), sum((label, e) in done for e in wanted), f"eval {cfg.env.name} via server")
+
+        def record(run: str, episode: int, rec: dict) -> None:
+            log.append(run, episode, rec)
+            bar.update(1)
+
+        try:
+            executor.run({label: None}, label, None, wanted, done, int(cfg.seed), record)
+        finally:
+            bar.close()
+            log.close()
+    finally:
+        executor.close()
+
+    mine = log.of_run(label, wanted)
+    run = summarize_run(mine)
+    run["steps"] = sampler.get("num_inference_steps")  # the server's schedule length (table column)
+    calls = [c for ep in mine for c in ep["calls"]]
+    run["server_latency_ms"] = latency_stats([c["server_ms"] for c in calls])
+    run["batch_mean"] = float(np.mean([c["batch"] for c in calls])) if calls else float("nan")
+    summary = {"env": cfg.env.name, "server": url, "checkpoint": meta["checkpoint"], "server_device": meta.get("device"),
+               "server_torch_threads": meta.get("torch_threads"), "sampler": sampler, "sampler_label": label,
+               "seed": int(cfg.seed), "first_episode": wanted.start, "n_envs": n_envs, **executor.describe(),
+               "eval_config": OmegaConf.to_container(cfg, resolve=True), "runs": {label: run}, "speedup_p50": None}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    srv, lat = run["server_latency_ms"], run["latency_ms"]
+    print(f"\n{cfg.env.name}: {len(wanted)} episodes through {url}, seeds {int(cfg.seed) + wanted.start}.."
+          f"{int(cfg.seed) + wanted.stop - 1}, server device {meta.get('device')}, {n_envs} robot(s)")
+    print(format_table(summary["runs"]))
+    print(f"latency per call: end-to-end p50 {lat['p50']:.1f} / p95 {lat['p95']:.1f} ms; "
+          f"server-side p50 {srv['p50']:.1f} / p95 {srv['p95']:.1f} ms (network + client {lat['p50'] - srv['p50']:.1f} ms "
+          f"at p50); mean batch {run['batch_mean']:.2f}")
+    print(f"results: {out_dir}")
+    return summary
+
+
+def _task_obs_dim(task: str) -> int:
+    from parapolicy.envs.robosuite_env import get_task
+
+    return get_task(task).obs_dim
+
+
+def _log_wandb(cfg: DictConfig, summary: dict, latencies: dict, out_dir: Path) -> None:
+    mode = str(cfg.wandb.mode)
+    if mode == "disabled":
+        return
+    import wandb
+
+    run = wandb.init(mode=mode, project=cfg.wandb.project, name=cfg.wandb.name, dir=str(out_dir),
+                     config=OmegaConf.to_container(cfg, resolve=True))
+    for label, run_summary in summary["runs"].items():
+        run.summary[label] = run_summary
+        run.log({f"{label}/latency_ms": wandb.Histogram(latencies[label])})
+    run.summary["speedup_p50"] = summary["speedup_p50"]
+    run.log({"latency": wandb.Image(str(out_dir / "latency.png"))})
+    run.finish()

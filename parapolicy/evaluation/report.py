@@ -1,0 +1,99 @@
+"""Eval summaries (e.g. of a Hydra multirun) gathered into rows, a table and a plot; used by
+``python -m parapolicy.report``.
+
+One row per (run directory, run) of every ``summary.json`` below a folder, with its schedule length
+(``steps``) and timestep spacing; the plot shows p50 speedup over the baseline and success rate
+against tolerance, one line per sampler.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+
+def run_steps(run: dict, summary: dict, is_sampler: bool) -> int | None:
+    """A run's schedule length: recorded per run since labels show steps; in older summaries the
+    baselines ran the sampler's steps, which its config gives (null there: the checkpoint's, unknown)."""
+    if run.get("steps") is not None:
+        return int(run["steps"])
+    steps = (summary.get("sampler") or {}).get("num_inference_steps")
+    return None if steps is None else int(steps)
+
+
+def collect_rows(folder: Path) -> list[dict]:
+    rows = []
+    for path in sorted(folder.rglob("summary.json")):
+        summary = json.loads(path.read_text())
+        sampler_cfg = summary.get("sampler") or {}
+        for label, run in summary["runs"].items():
+            role = run.get("role") or ("sampler" if label == summary.get("sampler_label", sampler_cfg.get("name"))
+                                       else "baseline")
+            is_sampler = role == "sampler"
+            rows.append({
+                "dir": str(path.parent.relative_to(folder)) or ".",
+                "env": summary.get("env"),
+                "sampler": label,
+                "role": role,
+                "num_inference_steps": run_steps(run, summary, is_sampler),
+                "timestep_spacing": run.get("timestep_spacing"),
+                "tolerance": sampler_cfg.get("tolerance") if is_sampler else None,
+                "window": sampler_cfg.get("window") if is_sampler else None,
+                "warm_start": sampler_cfg.get("warm_start") if is_sampler else None,
+                "success_rate": run["success_rate"],
+                "success_ci95": run["success_ci95"],
+                "n_episodes": run["n_episodes"],
+                "latency_p50_ms": run["latency_ms"]["p50"],
+                "rounds_mean": run["rounds_mean"],
+                "model_evals_mean": run["model_evals_mean"],
+                "speedup_p50": summary.get("speedup_p50") if is_sampler else None,
+            })
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    header = (f"{'sampler':<18} {'role':<9} {'steps':>5} {'spacing':>8} {'tol':>7} {'warm':>5} {'success':>8} {'95% CI':>15} "
+              f"{'p50 ms':>9} {'rounds':>7} {'evals':>7} {'speedup':>8}  dir")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lo, hi = r["success_ci95"]
+        tol = "-" if r["tolerance"] is None else f"{r['tolerance']:g}"
+        warm = "-" if r["warm_start"] is None else ("yes" if r["warm_start"] else "no")
+        speed = "-" if r["speedup_p50"] is None else f"{r['speedup_p50']:.2f}x"
+        lines.append(f"{r['sampler']:<18} {r['role']:<9} {r['num_inference_steps'] or '-':>5} {r['timestep_spacing'] or '-':>8} {tol:>7} {warm:>5} "
+                     f"{r['success_rate']:>8.2f} {f'[{lo:.2f}, {hi:.2f}]':>15} {r['latency_p50_ms']:>9.1f} "
+                     f"{r['rounds_mean']:>7.1f} {r['model_evals_mean']:>7.1f} {speed:>8}  {r['dir']}")
+    return "\n".join(lines)
+
+
+def plot_rows(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = defaultdict(list)
+    for r in rows:
+        if r["role"] == "sampler" and r["tolerance"] is not None:
+            steps = r["num_inference_steps"]  # in the legend, whether or not the label shows it
+            series[r["sampler"] if steps is None else f"{r['sampler']} ({steps} steps)"].append(r)
+    fig, (speed_ax, success_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, points in series.items():
+        points.sort(key=lambda r: r["tolerance"])
+        tol = [r["tolerance"] for r in points]
+        if any(r["speedup_p50"] is not None for r in points):
+            speed_ax.plot(tol, [r["speedup_p50"] or float("nan") for r in points], "o-", label=name)
+        rate = [r["success_rate"] for r in points]
+        err = [[r["success_rate"] - r["success_ci95"][0] for r in points],
+               [r["success_ci95"][1] - r["success_rate"] for r in points]]
+        success_ax.errorbar(tol, rate, yerr=err, fmt="o-", capsize=3, label=name)
+    for ax, title, ylabel in ((speed_ax, "p50 latency speedup vs tolerance", "speedup over baseline"),
+                              (success_ax, "success vs tolerance (95% Wilson)", "success rate")):
+        ax.set(xscale="log", xlabel="tolerance", ylabel=ylabel, title=title)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
