@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from parapolicy.serving.codec import packb, unpackb
-from parapolicy.serving.protocol import PROTOCOL_VERSION, flatten_observation
+from parapolicy.serving.protocol import PROTOCOL_VERSION, PROTOCOLS, flatten_observation
 
 TOKEN_ENV = "PARAPOLICY_TOKEN"
 
@@ -163,7 +163,31 @@ class RemotePolicy:
         self.last_info = info
         return action
 
-    def infer(self, obs: Any, reset: bool = False, seed: int | None = None, deadline_ms: float | None = None) -> dict:
+    def plan_chunk(self, observations: Any, prefix=None, prefix_weights=None, candidates: int = 1,
+                   delay_steps: int | None = None) -> np.ndarray:
+        """Protocol v2: plan whole chunks ``[candidates, horizon, action_dim]`` (raw units) from the
+        observations since the last request, with an optional known ``prefix`` ``[L, A]`` (and
+        ``prefix_weights`` ``[L]``). Used by ``parapolicy.realtime.AsyncPolicy``; bypasses ``act()``'s queue."""
+        if 2 not in self.metadata.get("protocols", [self.metadata.get("protocol")]):
+            raise ConnectionError(f"{self.url} serves protocol {self.metadata.get('protocol')} only; "
+                                  f"real-time chunking needs protocol 2")
+        extra: dict[str, Any] = {"chunk": True, "candidates": int(candidates)}
+        if prefix is not None:
+            extra["prefix"] = np.asarray(prefix, dtype=np.float32)
+            if prefix_weights is not None:
+                extra["prefix_weights"] = np.asarray(prefix_weights, dtype=np.float32)
+        if delay_steps is not None:
+            extra["delay_steps"] = int(delay_steps)
+        reply = self.infer(observations, reset=self._reset_next, seed=self._seed, **extra)
+        self._reset_next = False
+        timing = reply["timing"]
+        self.last_info = {"replanned": True, "rounds": timing["rounds"], "model_evals": timing["model_evals"],
+                          "converged": timing["converged"], "server_ms": timing["server_ms"], "batch": timing["batch"],
+                          "latency_s": reply["latency_ms"] / 1e3}
+        return np.asarray(reply["chunks"], dtype=np.float32)
+
+    def infer(self, obs: Any, reset: bool = False, seed: int | None = None, deadline_ms: float | None = None,
+              **v2: Any) -> dict:
         """One request: ``obs`` is an observation or a ``[k, obs_dim]`` stack of the steps since the last
         request (oldest first). Returns the server's reply (``action [n_action_steps, action_dim]``,
         ``timing``) with ``latency_ms`` (end to end, measured here) added."""
@@ -178,6 +202,7 @@ class RemotePolicy:
             message["seed"] = int(seed)
         if deadline_ms is not None:
             message["deadline_ms"] = float(deadline_ms)
+        message.update(v2)  # protocol v2 keys (plan_chunk)
         start = time.perf_counter()
         try:
             self._ws.send(packb(message))

@@ -1,4 +1,8 @@
-"""The policy server's message protocol (version ``PROTOCOL_VERSION``), shared by server and client.
+"""The policy server's message protocol (versions 1 and 2), shared by server and client.
+
+Version 2 adds real-time chunking (``parapolicy.realtime``) to version 1 without changing it: a v1 client
+sends v1 requests and gets v1 replies from a v2 server. The metadata still says ``"protocol": 1`` (what a
+v1 client checks) and lists ``"protocols": [1, 2]``; a v2 client requires 2 in that list.
 
 Every websocket message is one binary frame holding a msgpack map (``parapolicy.serving.codec``).
 
@@ -17,6 +21,20 @@ client -> server, a request::
      "reset": false,             # optional: start a new episode (history, warm start, generator)
      "seed": 100000,             # optional, with reset: seeds this robot's torch.Generator
      "deadline_ms": 200.0}       # optional: latency budget of this request (default: the server's)
+
+version 2 adds, all optional (``RemotePolicy.plan_chunk``, ``AsyncPolicy``)::
+
+     "chunk": true,              # reply with the whole predicted chunk(s), not the executed slice
+     "candidates": 8,            # plan this many chunks in one call (bidirectional decoding); needs chunk
+     "prefix": <float32 [L, A]>, # known leading actions of the chunk (raw units): the actions the robot
+                                 # executes before the new chunk can take over; imposed at every step
+     "prefix_weights": <[L]>,    # in [0, 1], default 1 (exact); RTC-style soft weights below 1
+     "delay_steps": 4            # the client's delay estimate for this plan (recorded in the timing)
+
+and its reply to a ``chunk`` request carries ``"chunks": <float32 [candidates, horizon, A]>`` and
+``"start"`` (the position of the request's own step) instead of ``"action"``. The server keeps each
+robot's previous chunk (``RobotSession.previous_chunk``); the client sends the prefix because only it
+knows what the robot actually executed (stalls, holds, blends).
 
 server -> client, the reply::
 
@@ -38,8 +56,11 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-PROTOCOL_VERSION = 1
-REQUEST_KEYS = frozenset({"type", "id", "obs", "reset", "seed", "deadline_ms"})
+PROTOCOL_VERSION = 1  # what the metadata's "protocol" says, so that v1 clients keep connecting
+PROTOCOLS = (1, 2)  # served; v2 = v1 + the real-time keys below
+V2_KEYS = frozenset({"chunk", "candidates", "prefix", "prefix_weights", "delay_steps"})
+REQUEST_KEYS = frozenset({"type", "id", "obs", "reset", "seed", "deadline_ms"}) | V2_KEYS
+MAX_CANDIDATES = 64
 MAX_OBS_PER_REQUEST = 64
 MAX_ID_CHARS = 128
 # A policy's obs key -> the name robosuite's own observation dict gives it (as DiffusionPolicy.act reads it).
@@ -61,6 +82,12 @@ class Request:
     reset: bool = False
     seed: int | None = None
     deadline_ms: float | None = None
+    # protocol v2 (real time)
+    chunk: bool = False
+    candidates: int = 1
+    prefix: np.ndarray | None = None  # float32 [L, A]
+    prefix_weights: np.ndarray | None = None  # float32 [L]
+    delay_steps: int | None = None
 
 
 def _valid_id(value: Any) -> bool:
@@ -132,7 +159,44 @@ def parse_request(message: Any, flatten: Callable[[Any], np.ndarray]) -> Request
         observations = [flatten(o) for o in raw]
     except ValueError as err:
         raise BadRequest(f"bad obs: {err}", rid) from None
-    return Request(rid, observations, reset, seed, None if deadline is None else float(deadline))
+    request = Request(rid, observations, reset, seed, None if deadline is None else float(deadline))
+    if V2_KEYS & set(message):
+        _parse_v2(message, request, rid)
+    return request
+
+
+def _parse_v2(message: dict, request: Request, rid: Any) -> None:
+    """The version-2 keys of ``message`` into ``request`` (shapes against the policy are checked by the server)."""
+    chunk = message.get("chunk", False)
+    if not isinstance(chunk, bool):
+        raise BadRequest(f"'chunk' must be true or false, got {chunk!r}", rid)
+    candidates = message.get("candidates", 1)
+    if isinstance(candidates, bool) or not isinstance(candidates, int) or not 1 <= candidates <= MAX_CANDIDATES:
+        raise BadRequest(f"'candidates' must be an integer in [1, {MAX_CANDIDATES}], got {candidates!r}", rid)
+    if candidates > 1 and not chunk:
+        raise BadRequest("'candidates' > 1 needs 'chunk': true (the client picks among the chunks)", rid)
+    delay = message.get("delay_steps")
+    if delay is not None and (isinstance(delay, bool) or not isinstance(delay, int) or delay < 0):
+        raise BadRequest(f"'delay_steps' must be an integer >= 0, got {delay!r}", rid)
+    prefix, weights = message.get("prefix"), message.get("prefix_weights")
+    if prefix is not None:
+        try:
+            prefix = np.asarray(prefix, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise BadRequest("'prefix' must be a [L, action_dim] array of numbers", rid) from None
+        if prefix.ndim != 2 or prefix.shape[0] < 1 or not np.isfinite(prefix).all():
+            raise BadRequest(f"'prefix' must be a finite [L, action_dim] array, got shape {list(prefix.shape)}", rid)
+        if weights is not None:
+            try:
+                weights = np.asarray(weights, dtype=np.float32)
+            except (TypeError, ValueError):
+                raise BadRequest("'prefix_weights' must be an array of numbers", rid) from None
+            if weights.shape != (prefix.shape[0],) or not np.isfinite(weights).all() or (weights < 0).any() or (weights > 1).any():
+                raise BadRequest(f"'prefix_weights' must be [L] = [{prefix.shape[0]}] values in [0, 1]", rid)
+    elif weights is not None:
+        raise BadRequest("'prefix_weights' needs a 'prefix'", rid)
+    request.chunk, request.candidates, request.delay_steps = chunk, candidates, delay
+    request.prefix, request.prefix_weights = prefix, weights
 
 
 def flatten_observation(obs: Any, obs_keys: list[str], obs_dim: int) -> np.ndarray:

@@ -39,7 +39,7 @@ import torch
 
 from parapolicy.runner import draw_noise  # the in-process eval's draw order, shared
 from parapolicy.serving.codec import CodecError, packb, unpackb
-from parapolicy.serving.protocol import PROTOCOL_VERSION, BadRequest, error_reply, parse_request
+from parapolicy.serving.protocol import PROTOCOL_VERSION, PROTOCOLS, BadRequest, Request, error_reply, parse_request
 
 log = logging.getLogger("parapolicy.serve")
 TOKEN_ENV = "PARAPOLICY_TOKEN"
@@ -95,6 +95,7 @@ class RobotSession:
         self.generator = torch.Generator().manual_seed(self.seed)
         self.history: deque[np.ndarray] = deque(maxlen=self.n_obs_steps)
         self.previous_sample: torch.Tensor | None = None  # warm starts never cross episodes
+        self.previous_chunk: np.ndarray | None = None  # [H, A] raw units, the last chunk planned (protocol v2)
 
     def observe(self, observations: list[np.ndarray]) -> None:
         """Append flat observations (oldest first); the first after a reset fills the history, as act() does."""
@@ -112,6 +113,14 @@ class _Pending:
     received: float  # perf_counter at receipt
     future: asyncio.Future
     started: float = 0.0  # perf_counter when its batch went to the model
+    request: Request | None = None  # protocol v2 options (prefix, candidates, chunk)
+
+    def signature(self, warm_start: bool) -> tuple:
+        """Requests plan together when they agree on what ``predict_action`` does for all rows at once."""
+        r = self.request
+        warm = bool(warm_start and self.robot.previous_sample is not None and (r is None or r.candidates == 1))
+        return (warm, 0 if r is None or r.prefix is None else len(r.prefix), 1 if r is None else r.candidates,
+                r is not None and r.prefix_weights is not None)
 
 
 @dataclasses.dataclass
@@ -201,7 +210,7 @@ class PolicyServer:
         if sampler_config is not None:
             sampler["config"] = sampler_config
         return {
-            "type": "metadata", "protocol": PROTOCOL_VERSION, "obs_keys": list(cfg.obs_keys),
+            "type": "metadata", "protocol": PROTOCOL_VERSION, "protocols": list(PROTOCOLS), "obs_keys": list(cfg.obs_keys),
             "obs_key_dims": _obs_key_dims(cfg), "obs_dim": cfg.obs_dim, "action_dim": cfg.action_dim,
             "horizon": cfg.horizon, "n_obs_steps": cfg.n_obs_steps, "n_action_steps": cfg.n_action_steps,
             "env": cfg.env, "sampler": sampler, "checkpoint": checkpoint_info(checkpoint),
@@ -336,7 +345,12 @@ class PolicyServer:
             robot.reset(request.seed)
         robot.observe(request.observations)
         robot.requests += 1
-        pending = _Pending(robot, np.stack(robot.history), received, self._loop.create_future())
+        cfg = self.policy.config
+        if request.prefix is not None and (request.prefix.shape[1] != cfg.action_dim or len(request.prefix) > cfg.horizon):
+            self.stats.errors += 1
+            return error_reply("bad_request", f"'prefix' must be [L <= {cfg.horizon}, {cfg.action_dim}], got "
+                               f"{list(request.prefix.shape)}", request.id)
+        pending = _Pending(robot, np.stack(robot.history), received, self._loop.create_future(), request=request)
         self._pending.append(pending)
         self._arrived.set()
         result = await pending.future
@@ -351,7 +365,13 @@ class PolicyServer:
         self.stats.deadline_missed += int(missed)
         timing = {"server_ms": server_ms, "queue_ms": (pending.started - received) * 1e3, **result["timing"],
                   "deadline_ms": deadline, "deadline_missed": missed}
-        reply = {"type": "action", "id": request.id, "action": result["action"], "timing": timing}
+        if request.delay_steps is not None:
+            timing["delay_steps"] = request.delay_steps
+        reply = {"type": "action", "id": request.id, "timing": timing}
+        if request.chunk:
+            reply.update(chunks=result["chunks"], start=cfg.action_start)
+        else:
+            reply["action"] = result["action"]
         if request.reset:
             reply["seed"] = robot.seed
         return reply
@@ -392,21 +412,39 @@ class PolicyServer:
                     item.future.set_result(result)
 
     def _plan(self, batch: list[_Pending]) -> list[Any]:
-        """Worker thread: plan a batch. Rows with and without a previous sample (warm start) go in separate
-        calls, since ``predict_action(warm_from=...)`` warm-starts all rows or none."""
+        """Worker thread: plan a batch. Rows go in one ``predict_action`` call per signature (warm start or
+        not, prefix length, candidates), since those options hold for all rows of a call.
+
+        Noise per robot, from its generator, in a fixed order: x_T and step noise (as v1), then those of
+        the extra candidates, then the prefix's noise, so a v1 request draws exactly what it always did."""
         policy = self.policy
-        groups: dict[bool, list[int]] = {}
+        cfg = policy.config
+        groups: dict[tuple, list[int]] = {}
         for i, item in enumerate(batch):
-            warm = bool(policy.warm_start and item.robot.previous_sample is not None)
-            groups.setdefault(warm, []).append(i)
+            groups.setdefault(item.signature(policy.warm_start), []).append(i)
         results: list[Any] = [None] * len(batch)
-        for warm, rows in groups.items():
+        for (warm, prefix_len, m, _), rows in groups.items():
             start = time.perf_counter()
             try:
                 x_T, noise = draw_noise(policy, [batch[i].robot.generator for i in rows])
-                history = torch.from_numpy(np.stack([batch[i].history for i in rows]))
+                if m > 1:
+                    extra = [draw_noise(policy, [batch[i].robot.generator] * (m - 1)) for i in rows]
+                    x_T = torch.cat([torch.cat([x_T[r : r + 1], e[0]]) for r, e in enumerate(extra)])
+                    if noise is not None:
+                        noise = torch.cat([torch.cat([noise[:, r : r + 1], e[1]], dim=1) for r, e in enumerate(extra)], 1)
+                history = torch.from_numpy(np.stack([batch[i].history for i in rows])).repeat_interleave(m, 0)
                 warm_from = torch.cat([batch[i].robot.previous_sample for i in rows]) if warm else None
-                plan = policy.predict_action(history, x_T=x_T, noise=noise, warm_from=warm_from)
+                kwargs = {}
+                if prefix_len:
+                    requests = [batch[i].request for i in rows]
+                    kwargs["prefix"] = torch.from_numpy(np.stack([r.prefix for r in requests])).repeat_interleave(m, 0)
+                    if requests[0].prefix_weights is not None:
+                        kwargs["prefix_weights"] = torch.from_numpy(
+                            np.stack([r.prefix_weights for r in requests])).repeat_interleave(m, 0)
+                    kwargs["prefix_noise"] = torch.cat([torch.randn((m, prefix_len, cfg.action_dim),
+                                                                    generator=batch[i].robot.generator) for i in rows])
+                plan = policy.predict_action(history, x_T=x_T, noise=noise, warm_from=warm_from, **kwargs)
+                chunks = plan["action_pred"].float().cpu().numpy().reshape(len(rows), m, cfg.horizon, cfg.action_dim)
                 actions = plan["action"].float().cpu().numpy()  # also waits for a GPU
                 plan_ms = (time.perf_counter() - start) * 1e3
                 converged = plan["converged"]
@@ -414,8 +452,10 @@ class PolicyServer:
                 timing = {"plan_ms": plan_ms, "batch": len(rows), "rounds": _as_int(plan["rounds"]),
                           "model_evals": _as_int(plan["model_evals"]), "converged": converged, "warm": warm}
                 for row, i in enumerate(rows):
-                    batch[i].robot.previous_sample = plan["sample"][row : row + 1]
-                    results[i] = {"action": np.ascontiguousarray(actions[row]), "timing": timing}
+                    batch[i].robot.previous_sample = plan["sample"][row * m : row * m + 1]
+                    batch[i].robot.previous_chunk = chunks[row, 0]
+                    results[i] = {"action": np.ascontiguousarray(actions[row * m]),
+                                  "chunks": np.ascontiguousarray(chunks[row]), "timing": timing}
                 self.stats.batches += 1
                 self.stats.batch_sizes.append(len(rows))
             except Exception as err:  # fails this call's requests, never the server
