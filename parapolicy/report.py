@@ -5,7 +5,8 @@
 Reads every ``summary.json`` below the folder; prints one row per (run directory, sampler) with its
 schedule length (``steps``) and timestep spacing, and writes
 ``report.json`` and ``report.png`` (p50 speedup over the baseline and success rate, against
-tolerance, one line per sampler) into the folder.
+tolerance, one line per sampler) into the folder; for a real-time sweep (``-m timing=async
+latency=0,50,100,200``) also ``realtime.png``: success and task time against latency.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> None:
-    from parapolicy.evaluation.report import collect_rows, format_rows, plot_rows
+    from parapolicy.evaluation.report import collect_rows, format_rows, plot_realtime, plot_rows
 
     parser = argparse.ArgumentParser(prog="python -m parapolicy.report", description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path, help="a folder holding eval summary.json files (any depth)")
@@ -30,6 +31,8 @@ def main(argv: list[str] | None = None) -> None:
     (args.folder / "report.json").write_text(json.dumps(rows, indent=2))
     plot_rows(rows, args.folder / "report.png")
     print(f"wrote {args.folder / 'report.json'} and {args.folder / 'report.png'}")
+    if plot_realtime(rows, args.folder / "realtime.png"):
+        print(f"wrote {args.folder / 'realtime.png'} (success and task time against latency)")
 
 
 if __name__ == "__main__":

@@ -367,3 +367,62 @@ def test_constraint_noises_the_prefix_to_each_timestep_level():
     assert torch.equal(out[:, :, 5:], x[:, :, 5:]) and not torch.equal(out, x)
     with pytest.raises(ValueError, match="prefix_weights"):
         PrefixConstraint(c.prefix, torch.full((3, 5), 2.0, dtype=torch.float64), c.eta, c.alphas_cumprod)
+
+
+# ------------------------------------------------------------------ through the eval CLI
+def test_eval_latency_sweep_summary_and_report(tmp_path):
+    """`-m timing=async latency=0,100`: every summary carries the real-time fields, the table shows them,
+    latency 0 is the sync episode, and the report plots success and task time against latency."""
+    import subprocess
+    import sys
+
+    from test_eval import FAST, LIFT_KEYS  # noqa: F401  (the tiny Lift setup)
+
+    common = ["env=lift", "checkpoint=checkpoints/lift", "sampler=ddim", "sampler.num_inference_steps=4",
+              "max_episode_steps=20", "progress_bar=false", "torch_threads=1", "n_episodes=1", "baseline=null"]
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, "-m", "parapolicy.eval", "-m", *common, "timing=async",
+                           "latency=0,100", "transition=prefix", f"hydra.sweep.dir={sweep}"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "transition" in proc.stdout and "task s" in proc.stdout
+    runs = {}
+    for path in sorted(sweep.glob("*/summary.json")):
+        summary = json.loads(path.read_text())
+        run = next(iter(summary["runs"].values()))
+        runs[run["latency"]] = (run, [json.loads(l) for l in (path.parent / "episodes.jsonl").read_text().splitlines()])
+    assert set(runs) == {"0", "100"}
+    slow, slow_eps = runs["100"]
+    assert slow["timing"] == "async" and slow["transition"] == "prefix" and slow["delay_steps"] == 2.0
+    assert slow["task_time_s"] == pytest.approx(20 * 0.05)
+    assert all(c["delay_steps"] == 2 for c in slow_eps[0]["calls"][1:])
+    sync_dir = tmp_path / "sync"
+    proc = subprocess.run([sys.executable, "-m", "parapolicy.eval", *common, f"hydra.run.dir={sync_dir}"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sync_ep = json.loads((sync_dir / "episodes.jsonl").read_text().splitlines()[0])
+    zero_ep = runs["0"][1][0]
+    assert zero_ep["reward"] == sync_ep["reward"] and zero_ep["length"] == sync_ep["length"]
+    assert len(zero_ep["calls"]) == len(sync_ep["calls"])
+    report = subprocess.run([sys.executable, "-m", "parapolicy.report", str(sweep)], capture_output=True,
+                            text=True, timeout=120)
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert (sweep / "realtime.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("override, message", [
+    ("timing=later", "timing must be one of sync, async, hold"),
+    ("latency=200", "apply to timing=async"),
+    ("timing=async latency=fast", "latency must be 'measured'"),
+    ("timing=async transition=teleport", "unknown transition 'teleport'"),
+    ("timing=async latency=profile:/nonexistent.json", "latency profile '/nonexistent.json' not found"),
+])
+def test_bad_realtime_options_fail_before_any_env_starts(override, message, tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "parapolicy.eval", "env=lift", "checkpoint=checkpoints/lift",
+                           *override.split(), f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-2000:]
+    assert "Loading controller configuration" not in proc.stderr

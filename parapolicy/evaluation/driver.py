@@ -22,7 +22,10 @@ def validate(cfg: DictConfig) -> tuple[Path, list[RunSpec]]:
     """Fail on bad values before any simulator starts; returns the checkpoint folder and the runs."""
     from parapolicy.evaluation.video import validate_video
 
+    from parapolicy.evaluation.timing import timing_options
+
     check_episodes(cfg)
+    timing_options(cfg)
     checkpoint = resolve_checkpoint(str(cfg.checkpoint))
     specs = plan_runs(cfg, checkpoint)
     validate_video(cfg)
@@ -103,11 +106,19 @@ def run_eval(cfg: DictConfig, out_dir: Path) -> dict:
                "fast_path": str(cfg.get("fast_path", "auto")), "fast_path_warmup": fast_path_warmup,
                **executor.describe(),
                **summarize(episodes, list(runs), baseline_label, specs)}
+    from parapolicy.evaluation.timing import describe, timing_options
+
+    realtime = timing_options(cfg)
+    summary["timing"] = realtime["timing"]
+    for run_label, run_summary in summary["runs"].items():
+        run_summary.update(describe(realtime, run_label, runs[run_label].sampler_name))
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     latencies = {lbl: [c["latency_ms"] for ep in episodes if ep["run"] == lbl for c in ep["calls"]] for lbl in runs}
     plot_latency(latencies, out_dir / "latency.png")
+    timing_text = "" if realtime["timing"] == "sync" else (
+        f", timing {realtime['timing']}, latency {realtime['latency']}, transition {realtime['transition']}")
     print(f"\n{cfg.env.name}: {len(wanted)} episodes per sampler, seeds {int(cfg.seed) + wanted.start}.."
-          f"{int(cfg.seed) + wanted.stop - 1}, device {summary['device']}, batch {int(cfg.n_envs)}")
+          f"{int(cfg.seed) + wanted.stop - 1}, device {summary['device']}, batch {int(cfg.n_envs)}{timing_text}")
     print(format_table(summary["runs"], summary["speedup_p50"]))
     print(f"results: {out_dir}")
     _log_wandb(cfg, summary, latencies, out_dir)
@@ -122,7 +133,12 @@ def run_server_eval(cfg: DictConfig, out_dir: Path) -> dict:
     from parapolicy.evaluation.metrics import format_table, latency_stats, summarize_run
     from parapolicy.evaluation.remote import ServerExecutor
 
+    from parapolicy.evaluation.timing import timing_options
+
     check_episodes(cfg)
+    if timing_options(cfg)["timing"] != "sync":
+        raise ValueError("timing=async/hold is simulated in-process (executor=local or ray); through a server, "
+                         "run a real loop with parapolicy.realtime.AsyncPolicy(RemotePolicy(url))")
     url, n_envs = str(cfg.server), int(cfg.n_envs)
     executor = ServerExecutor(url, cfg.env.name, n_envs, cfg.max_episode_steps)
     try:

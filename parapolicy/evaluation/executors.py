@@ -38,8 +38,11 @@ def make_executor(cfg: DictConfig, checkpoint: Path, specs: list):
     kind = str(cfg.get("executor") or "local")
     if kind not in EXECUTORS:
         raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {kind!r}")
+    from parapolicy.evaluation.timing import timing_options
+
+    realtime = timing_options(cfg)
     if kind == "local":
-        return LocalExecutor(cfg.env.name, int(cfg.n_envs), cfg.max_episode_steps)
+        return LocalExecutor(cfg.env.name, int(cfg.n_envs), cfg.max_episode_steps, realtime)
     return RayExecutor(cfg, checkpoint, specs)
 
 
@@ -47,8 +50,9 @@ class LocalExecutor:
     """Today's loop: batches of ``n_envs`` episodes, every run interleaved batch by batch (so machine
     drift hits all runs alike), one vector env for the whole eval."""
 
-    def __init__(self, env_name: str, n_envs: int, max_episode_steps: int | None):
+    def __init__(self, env_name: str, n_envs: int, max_episode_steps: int | None, realtime: dict | None = None):
         self.env_name, self.n_envs, self.max_episode_steps = env_name, n_envs, max_episode_steps
+        self.realtime = realtime or {}  # PolicyRunner's timing, latency, transition, execution_horizon
         self.envs = None
 
     def run(self, runs: dict, label: str, shadow, episodes: Iterable[int], done: set, seed: int,
@@ -63,7 +67,8 @@ class LocalExecutor:
                 todo = [e for e in batch if (run_label, e) not in done]
                 if not todo:
                     continue
-                runner = PolicyRunner(self.envs, run_policy, shadow=shadow if run_label == label else None)
+                runner = PolicyRunner(self.envs, run_policy, shadow=shadow if run_label == label else None,
+                                      label=run_label, **self.realtime)
                 runner.run_batch([seed + e for e in todo],
                                  on_episode=lambda i, rec, lbl=run_label, todo=todo: record(lbl, todo[i], rec))
 
@@ -88,7 +93,8 @@ class EpisodeWorker:
     """A Ray actor: the policy (all runs) and one env, built once, then one episode per ``run`` call."""
 
     def __init__(self, files: dict, specs: list, shadow_label: str | None, env_name: str,
-                 max_episode_steps: int | None, device: str, threads: int, fast_path, crash: dict):
+                 max_episode_steps: int | None, device: str, threads: int, fast_path, crash: dict,
+                 realtime: dict | None = None):
         import tempfile
 
         import torch
@@ -114,6 +120,7 @@ class EpisodeWorker:
         self.label, self.shadow_label = specs[0].label, shadow_label
         self.envs = make_vector_env(env_name, 1, max_episode_steps)
         self.crash = crash
+        self.realtime = realtime or {}
         self.host = socket.gethostname()
         self.device_name = device_name(device)
 
@@ -129,7 +136,7 @@ class EpisodeWorker:
         if when == "raise":
             raise RuntimeError(f"injected failure ({CRASH_ENV})")
         shadow = self.runs[self.shadow_label] if self.shadow_label and label == self.label else None
-        rec = PolicyRunner(self.envs, self.runs[label], shadow=shadow).run_batch([seed])[0]
+        rec = PolicyRunner(self.envs, self.runs[label], shadow=shadow, label=label, **self.realtime).run_batch([seed])[0]
         rec["host"] = self.host  # latency was measured there
         if attempt:
             rec["attempts"] = attempt + 1
@@ -172,6 +179,9 @@ class RayExecutor:
         if self.num_workers is not None and int(self.num_workers) < 1:
             raise ValueError(f"ray.num_workers must be >= 1 or null, got {self.num_workers}")
         self.checkpoint, self.specs = checkpoint, specs
+        from parapolicy.evaluation.timing import timing_options
+
+        self.realtime = timing_options(cfg)
         self.env_name, self.max_episode_steps = cfg.env.name, cfg.max_episode_steps
         self.device, self.fast_path = str(cfg.device), cfg.get("fast_path", "auto")
         self.threads = int(cfg.torch_threads or max(1, int(self.cpus_per_worker)))
@@ -210,7 +220,7 @@ class RayExecutor:
         worker = self.ray.remote(num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker,
                                  max_restarts=0, max_task_retries=0)(EpisodeWorker)
         return worker.remote(files_ref, self.specs, shadow_label, self.env_name, self.max_episode_steps,
-                             self.device, self.threads, self.fast_path, self.crash)
+                             self.device, self.threads, self.fast_path, self.crash, self.realtime)
 
     def run(self, runs: dict, label: str, shadow, episodes: Iterable[int], done: set, seed: int,
             record: Record) -> None:

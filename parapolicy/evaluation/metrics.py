@@ -56,6 +56,19 @@ def summarize_run(episodes: Iterable[Mapping]) -> dict:
         "control_hz": steps / wall if wall > 0 else float("nan"),
         "episode_length_mean": steps / n if n else float("nan"),
     }
+    timed = [ep for ep in episodes if "stall_steps" in ep]  # real-time runs (timing=async / hold)
+    if timed:
+        delays = [c["delay_steps"] for c in calls if "delay_steps" in c and not c.get("blocking")]
+        jumps = [ep["max_switch_jump"] for ep in timed]
+        summary.update(
+            delay_steps=float(np.mean(delays)) if delays else 0.0,
+            stall_steps=float(np.mean([ep["stall_steps"] for ep in timed])),
+            hold_steps=float(np.mean([ep["hold_steps"] for ep in timed])),
+            task_time_s=float(np.mean([ep["task_time_s"] for ep in timed])),
+            task_time_s_success=float(np.mean([ep["task_time_s"] for ep in timed if ep["success"]]))
+            if any(ep["success"] for ep in timed) else float("nan"),
+            max_switch_jump_mean=float(np.mean(jumps)),
+        )
     shadow = [c for c in calls if "shadow_latency_ms" in c]
     if shadow:
         deviation = np.asarray([c["shadow_deviation"] for c in shadow])
@@ -83,6 +96,17 @@ def format_table(runs: Mapping[str, Mapping], speedup_p50: float | None = None) 
         )
     if speedup_p50 is not None:
         lines.append(f"p50 latency speedup over baseline: {speedup_p50:.2f}x")
+    timed = {name: run for name, run in runs.items() if "stall_steps" in run}
+    if timed:  # real-time runs: what latency did to the task
+        header = f"{'sampler':<22} {'timing':>6} {'latency':>10} {'transition':>12} {'delay':>6} {'stalls':>7} " \
+                 f"{'holds':>6} {'task s':>7} {'task s ok':>9}"
+        lines += ["", header, "-" * len(header)]
+        for name, run in timed.items():
+            latency = str(run.get("latency", "?"))
+            latency = latency if len(latency) <= 10 else "profile"
+            lines.append(f"{name:<22} {run.get('timing', '?'):>6} {latency:>10} {run.get('transition', '?'):>12} "
+                         f"{run['delay_steps']:>6.2f} {run['stall_steps']:>7.1f} {run['hold_steps']:>6.1f} "
+                         f"{run['task_time_s']:>7.2f} {run['task_time_s_success']:>9.2f}")
     return "\n".join(lines)
 
 

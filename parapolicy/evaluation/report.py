@@ -48,6 +48,13 @@ def collect_rows(folder: Path) -> list[dict]:
                 "rounds_mean": run["rounds_mean"],
                 "model_evals_mean": run["model_evals_mean"],
                 "speedup_p50": summary.get("speedup_p50") if is_sampler else None,
+                # real time (timing=async / hold): what latency did to the task
+                "timing": run.get("timing", "sync"),
+                "latency": run.get("latency"),
+                "transition": run.get("transition"),
+                "delay_steps": run.get("delay_steps"),
+                "stall_steps": run.get("stall_steps"),
+                "task_time_s": run.get("task_time_s"),
             })
     return rows
 
@@ -97,3 +104,52 @@ def plot_rows(rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def fixed_latency_ms(row: dict) -> float | None:
+    """The fixed latency of a real-time row in ms (None for measured or replayed latencies)."""
+    try:
+        return float(row["latency"])
+    except (TypeError, ValueError, KeyError):
+        return None
+
+
+def realtime_series(rows: list[dict]) -> dict[str, list[dict]]:
+    """Real-time rows with a fixed latency, one series per (sampler, timing, transition), by latency."""
+    series = defaultdict(list)
+    for r in rows:
+        if r.get("timing", "sync") != "sync" and fixed_latency_ms(r) is not None:
+            name = f"{r['sampler']} {r['timing']}" + (f" {r['transition']}" if r["timing"] == "async" else "")
+            series[name].append(r)
+    for points in series.values():
+        points.sort(key=fixed_latency_ms)
+    return dict(series)
+
+
+def plot_realtime(rows: list[dict], path: Path) -> bool:
+    """Success and mean task time against latency (a ``-m latency=...`` sweep); False if no such rows."""
+    series = realtime_series(rows)
+    if not series:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (success_ax, time_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, points in series.items():
+        latency = [fixed_latency_ms(r) for r in points]
+        rate = [r["success_rate"] for r in points]
+        err = [[r["success_rate"] - r["success_ci95"][0] for r in points],
+               [r["success_ci95"][1] - r["success_rate"] for r in points]]
+        success_ax.errorbar(latency, rate, yerr=err, fmt="o-", capsize=3, label=name)
+        time_ax.plot(latency, [r["task_time_s"] for r in points], "o-", label=name)
+    success_ax.set(xlabel="policy latency [ms]", ylabel="success rate", title="success vs latency (95% Wilson)")
+    time_ax.set(xlabel="policy latency [ms]", ylabel="mean task time [s]", title="task time vs latency")
+    for ax in (success_ax, time_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
