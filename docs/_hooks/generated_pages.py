@@ -10,8 +10,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from mkdocs.structure.files import File
-
 ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf"
 # the CLI each top-level config belongs to, in the order the page lists them
@@ -137,6 +135,8 @@ def configuration_page() -> str:
 
 
 def on_files(files, config):
+    from mkdocs.structure.files import File
+
     files.append(File.generated(config, "reference/configuration.md", content=configuration_page()))
     files.append(File.generated(config, "results.md", content=(ROOT / "benchmarks" / "RESULTS.md").read_text()))
     return files
