@@ -2,7 +2,7 @@
 
     python -m parapolicy.eval env=square                          # paraddpm vs ddpm, shipped checkpoint
     python -m parapolicy.eval sampler=paraddim baseline=ddim n_episodes=50
-    python -m parapolicy.eval -m sampler=ddpm,paraddpm sampler.tolerance=0.01,0.1
+    python -m parapolicy.eval -m sampler=paraddpm,paraddim sampler.tolerance=0.01,0.1
 
 Both runs use the same episode seeds (``seed``, ``seed + 1``, ...) and the same per-call noise.
 Writes ``episodes.jsonl`` (a line per finished episode; ``resume=true`` continues an interrupted run),
