@@ -21,6 +21,8 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from parapolicy.devices import synchronize as _sync
+
 
 def make_vector_env(task: str, n_envs: int, max_episode_steps: int | None = None, **env_kwargs) -> gym.vector.VectorEnv:
     """``n_envs`` tasks with autoreset off: in-process for one env (no IPC on the latency path),
@@ -48,11 +50,6 @@ def draw_noise(policy, generators: list[torch.Generator]) -> tuple[torch.Tensor,
         if sampler.is_stochastic:
             noise.append(torch.randn((sampler.num_inference_steps, 1, cfg.horizon, cfg.action_dim), generator=gen))
     return torch.cat(x_T), (torch.cat(noise, dim=1) if noise else None)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class PolicyRunner:
@@ -122,7 +119,7 @@ class PolicyRunner:
         that took it and the records so far (e.g. to render a frame); never inside a timed policy call.
         """
         from parapolicy.realtime.latency import delay_steps
-        from parapolicy.realtime.transitions import pick_candidate, prefix_for
+        from parapolicy.realtime.transitions import forecast_history, pick_candidate, prefix_for
 
         n = len(seeds)
         if not 1 <= n <= self.n_envs:
@@ -212,7 +209,6 @@ class PolicyRunner:
             """Plan for the active envs from their history at step t; False if the call failed."""
             idx = np.flatnonzero(active)
             first = chunks[idx[0]] is None
-            obs_history = torch.from_numpy(np.stack([np.stack(history[i]) for i in idx]))
             x_T, noise = draw_noise(self.policy, [generators[i] for i in idx])
             m = transition.candidates if not first else 1
             if m > 1:  # bidirectional decoding: m chunks per env in one call (candidate 0: the usual draw)
@@ -220,7 +216,6 @@ class PolicyRunner:
                 x_T = torch.cat([torch.cat([x_T[r : r + 1], e[0]]) for r, e in enumerate(extra)])
                 if noise is not None:
                     noise = torch.cat([torch.cat([noise[:, r : r + 1], e[1]], dim=1) for r, e in enumerate(extra)], dim=1)
-                obs_history = obs_history.repeat_interleave(m, dim=0)
             planned_ms = None if first else self.latency.planned_ms(latency_rng)
             if first:
                 d_plan = 0
@@ -229,6 +224,10 @@ class PolicyRunner:
             else:  # measured: the prefix assumes the slowest of the last calls (known only afterwards)
                 d_plan = delay_steps(max(state["recent_ms"]), self.control_period_s) if state["recent_ms"] else 0
             known = {i: known_actions(i, t, d_plan) for i in idx} if realtime and not first else {}
+            lead = d_plan if transition.forecast and self.timing == "async" else 0  # planned for t + lead
+            obs_history = torch.from_numpy(np.stack([forecast_history(np.stack(history[i]), lead) for i in idx]))
+            if m > 1:
+                obs_history = obs_history.repeat_interleave(m, dim=0)
             prefix_args = {}
             if transition.prefix != "none" and not first and self.timing == "async":
                 pieces = [prefix_for(transition, known[i], start + d_plan, H, self.execution_horizon) for i in idx]
@@ -286,7 +285,7 @@ class PolicyRunner:
                 state["pending"] = {"chunks": new, "r": t + d, "land": t}
                 state["next_request"] = t + d + self.execution_horizon
             else:
-                state["pending"] = {"chunks": new, "r": t, "land": t + d}
+                state["pending"] = {"chunks": new, "r": t + lead, "land": t + max(d, lead)}
                 state["next_request"] = t + max(self.execution_horizon, d)
             return True
 

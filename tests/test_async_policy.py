@@ -180,3 +180,17 @@ def test_protocol_v2_chunks_prefix_and_v1_still_served(one_thread):
             with pytest.raises(ValueError, match=message):
                 remote.infer(obs, **bad)
         remote.close()
+
+
+def test_forecast_chunks_start_at_their_planned_step():
+    """transition=forecast: the planner sees the history extrapolated by the delay estimate, and the chunk
+    takes over no earlier than the step it was planned for, from its position start + (lateness)."""
+    planner = SlowPlanner(plan_s=0.12)
+    with AsyncPolicy(planner, control_hz=20, transition="forecast") as policy:
+        actions, durations, infos = run_loop(policy, 60)
+    calls = actions[:, 0].astype(int)
+    switches = [t for t in range(1, 60) if calls[t] != calls[t - 1]]
+    assert len(switches) >= 4
+    for t in switches:
+        assert START <= actions[t, 1] <= START + 6  # never a position before start (no action for the past)
+    assert policy.stats["stalls"] == 0

@@ -66,10 +66,11 @@ class LabelledPolicy:
         num_inference_steps, is_stochastic = 2, False
 
     def __init__(self):
-        self.calls, self.kwargs = 0, []
+        self.calls, self.kwargs, self.histories = 0, [], []
 
     def predict_action(self, obs_history, x_T=None, noise=None, **kwargs):
         self.kwargs.append(kwargs)
+        self.histories.append(obs_history.numpy().copy())
         b = obs_history.shape[0]
         chunk = torch.zeros(b, H, A)
         chunk[:, :, 0] = self.calls
@@ -276,6 +277,18 @@ def test_ensemble_blends_old_and_new_over_the_overlap():
     # step 12: chunk 1 (requested at 8, d = 4) takes over at its position 5; chunk 0 is at its position 13
     np.testing.assert_allclose(env_naive.actions[12][:2], [1, 5])
     np.testing.assert_allclose(env_blend.actions[12][:2], [0.5 * 0 + 0.5 * 1, 0.5 * 13 + 0.5 * 5])
+
+
+def test_forecast_plans_for_the_moment_the_chunk_takes_over():
+    """transition=forecast: the history is extrapolated d steps at the current velocity (the fake env's
+    first observation dimension counts steps, so it reads t + d), and the chunk runs from its start."""
+    record, env, policy = run_fake("async", 200, transition="forecast")  # d = 4
+    second = policy.histories[1][0]  # requested at step 8: observations of steps 7 and 8, seen as 11 and 12
+    np.testing.assert_allclose(second[:, 0], [11.0, 12.0])
+    np.testing.assert_allclose(policy.histories[0][0][:, 0], [0.0, 0.0])  # the first plan blocks: no lead
+    labels = [(int(a[0]), int(a[1])) for a in env.actions]
+    assert labels[11] == (0, 12) and labels[12] == (1, START)  # chunk 1 lands at 12 and starts at `start`
+    assert record["stall_steps"] == 0
 
 
 def test_bid_keeps_the_candidate_closest_to_the_committed_actions():

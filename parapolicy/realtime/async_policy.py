@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from parapolicy.realtime.transitions import Transition, pick_candidate, prefix_for
+from parapolicy.realtime.transitions import Transition, forecast_history, pick_candidate, prefix_for
 
 DEFAULT_TRANSITION = "bid_prefix"
 
@@ -126,8 +126,12 @@ class AsyncPolicy:
             result = self._plan(self._job_for(self._step, 0))
             self._take(result, info)
         else:
-            with self._lock:
-                result, self._result = self._result, None
+            with self._lock:  # a forecast chunk that lands early waits for the step it was planned for
+                result = self._result
+                if result is not None and self._step < result["step"]:
+                    result = None
+                else:
+                    self._result = None
             if result is not None:
                 self._take(result, info)
         if not self._in_flight and self._step - self._last_request >= self.execution_horizon:
@@ -144,10 +148,9 @@ class AsyncPolicy:
         return action
 
     def _take(self, result: dict, info: dict) -> None:
-        """A finished plan takes over now: its delay is the actions consumed since it was requested."""
-        if isinstance(result.get("error"), BaseException):
-            raise result["error"]
-        delay = self._step - result["step"]
+        """A finished plan takes over now: its delay is the actions consumed since the step it was planned
+        for (the request's step, or the forecast's), so it never runs actions meant for the past."""
+        delay = max(0, self._step - result["step"])
         self._chunk, self._chunk_step = result["chunk"], result["step"]
         self._in_flight = False
         if result["step"] > 0 or self.stats["plans"] > 0:
@@ -186,7 +189,12 @@ class AsyncPolicy:
             known = np.asarray(rows, dtype=np.float32)
         self._last_request = step
         recent, self._recent = self._recent[-self.n_obs_steps:], []
-        return {"step": step, "history": np.stack(self._history), "recent": np.stack(recent), "known": known,
+        # forecast: plan for the moment the chunk is expected to take over (its position `start` is then)
+        lead = delay if self.transition.forecast and self._chunk is not None else 0
+        history = forecast_history(np.stack(self._history), lead)
+        if lead:
+            recent = list(forecast_history(np.stack(self._history), lead))
+        return {"step": step + lead, "history": history, "recent": np.stack(recent), "known": known,
                 "committed": self.start + delay, "first": self._chunk is None}
 
     # ------------------------------------------------------------------ planning

@@ -16,6 +16,10 @@ Transitions (``transition=<name>``):
 - ``bid``: plan ``candidates`` chunks at once (one batched call) and keep the one closest to the actions
   the robot executes before and during planning (bidirectional decoding's backward coherence).
 - ``bid_prefix``: both.
+- ``forecast``: plan from the observations extrapolated ``d`` steps ahead at the robot's current velocity
+  (constant-velocity latency compensation; every observation dimension, so a grasped object moves with the
+  hand and a resting one stays), and run the new chunk from its position ``start`` when it lands: the
+  chunk is planned for the moment it takes over instead of for the moment it was requested.
 
 A name may carry its one option after a colon: ``bid:16`` (candidates), ``ensemble:0.5`` (blend).
 """
@@ -27,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-TRANSITIONS = ("naive", "prefix", "rtc", "ensemble", "bid", "bid_prefix")
+TRANSITIONS = ("naive", "prefix", "rtc", "ensemble", "bid", "bid_prefix", "forecast")
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,7 @@ class Transition:
     prefix: str = "none"  # none | hard | soft
     candidates: int = 1
     blend: float = 0.0  # weight of the old chunk over the overlap
+    forecast: bool = False  # plan from observations extrapolated to the moment the chunk takes over
 
     @classmethod
     def parse(cls, spec) -> "Transition":
@@ -64,7 +69,7 @@ class Transition:
         elif option:
             raise ValueError(f"transition {name!r} takes no option, got {spec!r}")
         prefix = {"prefix": "hard", "bid_prefix": "hard", "rtc": "soft"}.get(name, "none")
-        return cls(str(spec).strip(), prefix, candidates, blend)
+        return cls(str(spec).strip(), prefix, candidates, blend, forecast=name == "forecast")
 
 
 def rtc_weights(horizon: int, committed: int, execution_horizon: int) -> np.ndarray:
@@ -108,3 +113,13 @@ def pick_candidate(candidates: np.ndarray, known: np.ndarray, committed: int) ->
         return 0
     distance = ((candidates[:, :length] - known[None, :length]) ** 2).sum(axis=(1, 2))
     return int(np.argmin(distance))
+
+
+def forecast_history(history: np.ndarray, steps: int) -> np.ndarray:
+    """``[n_obs, obs_dim]`` observations (oldest first) -> the same window ``steps`` control steps later,
+    extrapolated at the velocity of the last two observations (unchanged if ``steps`` is 0 or there is
+    one observation)."""
+    if steps <= 0 or len(history) < 2:
+        return history
+    velocity = history[-1] - history[-2]
+    return history + steps * velocity[None]
