@@ -137,12 +137,13 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_async_policy_through_a_loopback_server(one_thread):
+@pytest.mark.parametrize("transition", ["forecast", "bid_prefix:4"])
+def test_async_policy_through_a_loopback_server(one_thread, transition):
     policy = tiny_policy()
     with ServerThread(PolicyServer(policy, "127.0.0.1", 0, max_batch=2)) as server:
         remote = RemotePolicy(server.url)
         assert 2 in remote.metadata["protocols"] and remote.metadata["protocol"] == 1
-        with AsyncPolicy(remote, control_hz=50, transition="bid_prefix:4", seed=3) as fast:
+        with AsyncPolicy(remote, control_hz=50, transition=transition, seed=3) as fast:
             low, high = policy.normalizer.obs.min.numpy(), policy.normalizer.obs.max.numpy()
             rng = np.random.default_rng(0)
             for _ in range(30):

@@ -33,7 +33,7 @@ import numpy as np
 
 from parapolicy.realtime.transitions import Transition, forecast_history, pick_candidate, prefix_for
 
-DEFAULT_TRANSITION = "bid_prefix"
+DEFAULT_TRANSITION = "forecast"  # the best measured (benchmarks/RESULTS.md, "Real time")
 
 
 class AsyncPolicy:
@@ -97,7 +97,6 @@ class AsyncPolicy:
         if self._remote:
             self.policy.reset(seed=seed)
         self._history: deque[np.ndarray] = deque(maxlen=self.n_obs_steps)
-        self._recent: list[np.ndarray] = []  # observations since the last request (remote)
         self._executed: list[np.ndarray] = []
         self._chunk: np.ndarray | None = None  # [H, A], raw units
         self._chunk_step = 0  # the step its request was made at (its position `start` is that step)
@@ -120,7 +119,6 @@ class AsyncPolicy:
             self._history.extend([flat] * self.n_obs_steps)
         else:
             self._history.append(flat)
-        self._recent.append(flat)
         info: dict[str, Any] = {"replanned": False, "stall": False}
         if self._chunk is None:  # the episode's first plan blocks: the robot has nothing to do yet
             result = self._plan(self._job_for(self._step, 0))
@@ -188,14 +186,13 @@ class AsyncPolicy:
                     rows.append(action)
             known = np.asarray(rows, dtype=np.float32)
         self._last_request = step
-        recent, self._recent = self._recent[-self.n_obs_steps:], []
         # forecast: plan for the moment the chunk is expected to take over (its position `start` is then)
         lead = delay if self.transition.forecast and self._chunk is not None else 0
         history = forecast_history(np.stack(self._history), lead)
-        if lead:
-            recent = list(forecast_history(np.stack(self._history), lead))
-        return {"step": step + lead, "history": history, "recent": np.stack(recent), "known": known,
-                "committed": self.start + delay, "first": self._chunk is None}
+        # a server keeps the last n_obs_steps observations it was sent: sending the whole window makes its
+        # history exactly this one (forecast or not)
+        return {"step": step + lead, "history": history, "known": known, "committed": self.start + delay,
+                "first": self._chunk is None}
 
     # ------------------------------------------------------------------ planning
     def _submit(self, job: dict) -> None:
@@ -233,7 +230,7 @@ class AsyncPolicy:
             prefix, weights = prefix_for(self.transition, job["known"], job["committed"], self.horizon,
                                          self.execution_horizon)
         if self._remote:
-            chunks = self.policy.plan_chunk(job["recent"], prefix=prefix, prefix_weights=weights, candidates=m,
+            chunks = self.policy.plan_chunk(job["history"], prefix=prefix, prefix_weights=weights, candidates=m,
                                             delay_steps=job["committed"] - self.start)
         else:
             import torch
