@@ -151,10 +151,10 @@ class AsyncPolicy:
         delay = max(0, self._step - result["step"])
         self._chunk, self._chunk_step = result["chunk"], result["step"]
         self._in_flight = False
-        if result["step"] > 0 or self.stats["plans"] > 0:
+        if self.stats["plans"] > 0:  # the first plan blocks (no delay) and is often a cold start: not an estimate
             self.stats["delay_steps"].append(delay)
+            self._recent_ms.append(result["plan_ms"])
         self.stats["plans"] += 1
-        self._recent_ms.append(result["plan_ms"])
         info.update(replanned=True, delay_steps=delay, plan_ms=result["plan_ms"])
 
     def _action_at(self, step: int) -> tuple[np.ndarray, str]:
