@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from parapolicy.envs.robosuite_env import RobosuiteEnv
+from parapolicy.envs.robosuite_env import TASKS, RobosuiteEnv
 
 # Gripper pointing down (eef x = world x, eef z = -world z); the Panda fingers close along eef x.
 _DOWN = np.array([[1.0, 0.0, 0.0], [0.0, -1.0, 0.0], [0.0, 0.0, -1.0]])
@@ -322,8 +322,9 @@ EXPERTS = {"square": SquareExpert, "lift": LiftExpert, "can": CanExpert}
 
 
 def make_expert(task: str, env: RobosuiteEnv, **kwargs) -> ScriptedExpert:
+    scene = TASKS[task].scene if task in TASKS else None  # an image task shares its scene's expert
     try:
-        return EXPERTS[task](env, **kwargs)
+        return EXPERTS[scene or task](env, **kwargs)
     except KeyError:
         raise ValueError(f"no scripted expert for env {task!r}; known: {', '.join(sorted(EXPERTS))}") from None
 

@@ -1,15 +1,22 @@
-"""Robosuite manipulation tasks as gymnasium environments with Diffusion Policy's low-dim observations.
+"""Robosuite manipulation tasks as gymnasium environments with Diffusion Policy's observations.
 
-The environment side of parapolicy: it knows nothing of diffusion. Observations are the flat
-concatenation of robosuite observables in Diffusion Policy's order (``TaskSpec.obs_keys``); actions are
-the 7-dim OSC_POSE delta command in [-1, 1] (dx, dy, dz in 5 cm units, axis-angle in 0.5 rad units,
-gripper -1 open / +1 close) at 20 Hz.
+The environment side of parapolicy: it knows nothing of diffusion. ``obs_mode`` picks what a step returns:
+
+- ``lowdim``: the flat concatenation of robosuite observables in Diffusion Policy's order
+  (``TaskSpec.obs_keys``), float32 ``[obs_dim]``;
+- ``image``: a dict of camera frames ``{"<camera>_image": uint8 [3, H, W]}``, right side up;
+- ``hybrid``: the camera frames plus the robot's proprioception (``PROPRIO_KEYS``, float32), the inputs of
+  Diffusion Policy's robomimic image tasks.
+
+Actions are the 7-dim OSC_POSE delta command in [-1, 1] (dx, dy, dz in 5 cm units, axis-angle in 0.5 rad
+units, gripper -1 open / +1 close) at 20 Hz.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 
 import gymnasium as gym
@@ -23,6 +30,9 @@ class TaskSpec:
     obs_keys: tuple[str, ...]
     obs_dims: tuple[int, ...]
     max_episode_steps: int = 400
+    obs_mode: str = "lowdim"      # what make_env(name) observes; image tasks see cameras (+ obs_keys if hybrid)
+    cameras: tuple[str, ...] = ()
+    scene: str | None = None      # the low-dim task whose robosuite scene and scripted expert it shares
 
     @property
     def obs_dim(self) -> int:
@@ -30,11 +40,21 @@ class TaskSpec:
 
 
 _LOW_DIM = ("object", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")
+# What the robot knows of itself: the low-dim part of Diffusion Policy's hybrid image observations.
+PROPRIO_KEYS = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")
+PROPRIO_DIMS = (3, 4, 2)
+OBS_MODES = ("lowdim", "image", "hybrid")
+DEFAULT_CAMERAS = ("agentview", "robot0_eye_in_hand")  # robomimic's and Diffusion Policy's image tasks
 
 TASKS: dict[str, TaskSpec] = {
     "square": TaskSpec("square", "NutAssemblySquare", _LOW_DIM, (14, 3, 4, 2)),
     "lift": TaskSpec("lift", "Lift", _LOW_DIM, (10, 3, 4, 2)),
     "can": TaskSpec("can", "PickPlaceCan", _LOW_DIM, (14, 3, 4, 2)),
+    # Diffusion Policy's image tasks: two cameras and the proprioception, no object state
+    "lift_image": TaskSpec("lift_image", "Lift", PROPRIO_KEYS, PROPRIO_DIMS, obs_mode="hybrid",
+                           cameras=DEFAULT_CAMERAS, scene="lift"),
+    "square_image": TaskSpec("square_image", "NutAssemblySquare", PROPRIO_KEYS, PROPRIO_DIMS, obs_mode="hybrid",
+                             cameras=DEFAULT_CAMERAS, scene="square"),
 }
 
 
@@ -88,9 +108,18 @@ def quiet_robosuite_logging() -> None:
         logger.addFilter(_DropStartupNoise())
 
 
-def robosuite_kwargs(spec: TaskSpec, seed: int | None) -> dict:
-    """The ``suite.make`` arguments of our tasks (also stored as ``env_args`` in datasets)."""
-    return dict(
+def image_key(camera: str) -> str:
+    """robosuite's (and robomimic's) observation name of a camera's RGB frame."""
+    return f"{camera}_image"
+
+
+def robosuite_kwargs(spec: TaskSpec, seed: int | None, cameras=(), camera_size: tuple[int, int] = (84, 84)) -> dict:
+    """The ``suite.make`` arguments of our tasks (also stored as ``env_args`` in datasets).
+
+    ``cameras``: robosuite renders each as an observation ``<camera>_image`` (uint8 ``[H, W, 3]``, rows
+    bottom-up) at every control step; none means no renderer at all (~15x faster steps here).
+    """
+    kwargs = dict(
         env_name=spec.robosuite_env,
         robots="Panda",
         has_renderer=False,
@@ -104,6 +133,11 @@ def robosuite_kwargs(spec: TaskSpec, seed: int | None) -> dict:
         reward_shaping=False,
         seed=seed,
     )
+    if cameras:
+        height, width = camera_size
+        kwargs.update(has_offscreen_renderer=True, use_camera_obs=True, camera_names=list(cameras),
+                      camera_heights=int(height), camera_widths=int(width), camera_depths=False)
+    return kwargs
 
 
 class RobosuiteEnv(gym.Env):
@@ -120,16 +154,34 @@ class RobosuiteEnv(gym.Env):
     agentview, frontview, birdview, sideview, robot0_eye_in_hand, ...) as uint8 ``[H, W, 3]``, upright,
     ``render_size`` = H = W or (H, W). Rendering is offscreen (robosuite's own renderer; pick the OpenGL
     backend with ``MUJOCO_GL`` before robosuite is imported) and changes nothing in the simulation.
+
+    Camera observations (``obs_mode`` image or hybrid; the task's default, e.g. ``lift_image``): robosuite
+    renders ``cameras`` (default agentview and robot0_eye_in_hand) at ``camera_size`` (84) after every
+    step, offscreen (EGL, then OSMesa, as the videos), ~10x the cost of a step without them. Frames are
+    deterministic given the reset seed and the actions. ``raw_obs`` holds them upright ``[H, W, 3]``
+    (robomimic's layout); the gym observation channel-first ``[3, H, W]``.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
 
     def __init__(self, task: str = "square", max_episode_steps: int | None = None, model_seed: int = 0,
-                 render_mode: str | None = None, camera: str = "agentview", render_size: int | tuple = 256):
+                 render_mode: str | None = None, camera: str = "agentview", render_size: int | tuple = 256,
+                 obs_mode: str | None = None, cameras=None, camera_size: int | tuple = 84):
+        self.spec_task = get_task(task)
+        obs_mode = obs_mode or self.spec_task.obs_mode
+        if obs_mode not in OBS_MODES:
+            raise ValueError(f"obs_mode must be one of {', '.join(OBS_MODES)}, got {obs_mode!r}")
+        self.obs_mode = obs_mode
+        cameras = cameras if cameras is not None else (self.spec_task.cameras or DEFAULT_CAMERAS)
+        self.cameras = tuple(str(c) for c in cameras) if obs_mode != "lowdim" else ()
+        if obs_mode != "lowdim" and not self.cameras:
+            raise ValueError(f"obs_mode={obs_mode!r} needs at least one camera")
+        self.camera_size = (int(camera_size), int(camera_size)) if isinstance(camera_size, int) else tuple(map(int, camera_size))
         quiet_robosuite_logging()  # before robosuite's import-time warnings
+        if self.cameras or render_mode == "rgb_array":
+            _choose_gl_backend()  # MuJoCo reads MUJOCO_GL once, when robosuite imports it
         import robosuite as suite  # heavy import (numba JIT on first make), kept out of module import
 
-        self.spec_task = get_task(task)
         self.max_episode_steps = int(max_episode_steps or self.spec_task.max_episode_steps)
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
@@ -137,16 +189,23 @@ class RobosuiteEnv(gym.Env):
         self.render_size = (int(render_size), int(render_size)) if isinstance(render_size, int) else tuple(render_size)
         # model_seed fixes construction-time randomness (Lift's cube size is drawn from env.rng in
         # suite.make), so that every instance builds the same model and reset(seed) alone decides.
-        kwargs = robosuite_kwargs(self.spec_task, model_seed)
+        kwargs = robosuite_kwargs(self.spec_task, model_seed, self.cameras, self.camera_size)
         self._make_kwargs = kwargs
         make_kwargs = {k: v for k, v in kwargs.items() if k != "env_name"}
-        if render_mode == "rgb_array":  # images come from render(), never from observations
-            make_kwargs.update(has_offscreen_renderer=True, use_camera_obs=False)
-        self.robosuite_env = suite.make(**make_kwargs, env_name=kwargs["env_name"])
-        if render_mode == "rgb_array" and self.camera not in self.sim.model.camera_names:
-            raise ValueError(f"camera {self.camera!r} is not in {task}; cameras: {', '.join(self.sim.model.camera_names)}")
-        dim = self.spec_task.obs_dim
-        self.observation_space = gym.spaces.Box(-np.inf, np.inf, shape=(dim,), dtype=np.float32)
+        if render_mode == "rgb_array":  # video frames come from render(), at their own size
+            make_kwargs.update(has_offscreen_renderer=True)
+        try:
+            self.robosuite_env = suite.make(**make_kwargs, env_name=kwargs["env_name"])
+        except ValueError as err:  # robosuite checks camera names while it builds the observables
+            if not self.cameras:
+                raise
+            raise ValueError(f"cameras {list(self.cameras)} in {task}: {err} (robosuite's log line names the "
+                             "cameras there are)") from err
+        known = self.sim.model.camera_names
+        for name in (*self.cameras, *([self.camera] if render_mode == "rgb_array" else [])):
+            if name not in known:
+                raise ValueError(f"camera {name!r} is not in {task}; cameras: {', '.join(known)}")
+        self.observation_space = self._observation_space()
         self.action_space = gym.spaces.Box(-1.0, 1.0, shape=(7,), dtype=np.float32)
         self._raw_obs: dict | None = None
         self._steps = 0
@@ -158,7 +217,8 @@ class RobosuiteEnv(gym.Env):
             # Reseed robosuite's generator in place: the placement samplers hold a reference to it.
             fresh = np.random.default_rng(seed)
             self.robosuite_env.rng.bit_generator.state = fresh.bit_generator.state
-        self._raw_obs = self.robosuite_env.reset()
+        self._make_render_context_current()
+        self._raw_obs = self._upright(self.robosuite_env.reset())
         self._steps = 0
         return self._obs(), {"is_success": False}
 
@@ -167,12 +227,14 @@ class RobosuiteEnv(gym.Env):
         self._steps += 1
         truncated = self._steps >= self.max_episode_steps
         try:
-            self._raw_obs, reward, _, _ = self.robosuite_env.step(action)
+            self._make_render_context_current()
+            raw_obs, reward, _, _ = self.robosuite_env.step(action)
+            self._raw_obs = self._upright(raw_obs)
             obs = self._obs()
-            if not np.all(np.isfinite(obs)):
+            if not all(np.all(np.isfinite(v)) for v in (obs.values() if isinstance(obs, dict) else [obs])):
                 raise FloatingPointError("non-finite observation (simulation unstable)")
         except Exception as err:  # MuJoCo instability etc.: end this episode, keep the process alive
-            obs = np.zeros(self.observation_space.shape, np.float32)
+            obs = self._zero_obs()
             return obs, 0.0, True, truncated, {"is_success": False, "error": f"{type(err).__name__}: {err}"}
         success = bool(self.robosuite_env._check_success())
         return obs, float(reward), success, truncated, {"is_success": success}
@@ -182,9 +244,7 @@ class RobosuiteEnv(gym.Env):
         if self.render_mode != "rgb_array":
             return None
         height, width = self.render_size
-        context = getattr(self.sim, "_render_context_offscreen", None)
-        if context is not None:  # robosuite renders into the current GL context: make it this env's
-            context.gl_ctx.make_current()
+        self._make_render_context_current()
         frame = self.sim.render(width=width, height=height, camera_name=self.camera)
         return np.ascontiguousarray(frame[::-1])  # OpenGL's rows run bottom-up
 
@@ -197,6 +257,11 @@ class RobosuiteEnv(gym.Env):
     @property
     def elapsed_steps(self) -> int:
         return self._steps
+
+    @property
+    def control_period_s(self) -> float:
+        """Seconds of robot time per ``step`` (1 / control_freq): what real-time execution counts in."""
+        return 1.0 / float(self._make_kwargs["control_freq"])
 
     @property
     def sim(self):
@@ -212,19 +277,68 @@ class RobosuiteEnv(gym.Env):
         return json.dumps({"env_name": self._make_kwargs["env_name"], "type": 1, "env_kwargs": kwargs,
                            "parapolicy_task": self.spec_task.name})
 
-    def _obs(self) -> np.ndarray:
-        return flatten_obs(self._raw_obs, self.spec_task.obs_keys)
+    def _obs(self):
+        if self.obs_mode == "lowdim":
+            return flatten_obs(self._raw_obs, self.spec_task.obs_keys)
+        obs = {key: np.ascontiguousarray(self._raw_obs[key].transpose(2, 0, 1)) for key in self.image_keys}
+        if self.obs_mode == "hybrid":
+            obs.update({key: np.asarray(self._raw_obs[key], dtype=np.float32) for key in PROPRIO_KEYS})
+        return obs
+
+    @property
+    def image_keys(self) -> tuple[str, ...]:
+        return tuple(image_key(camera) for camera in self.cameras)
+
+    def _observation_space(self) -> gym.Space:
+        if self.obs_mode == "lowdim":
+            return gym.spaces.Box(-np.inf, np.inf, shape=(self.spec_task.obs_dim,), dtype=np.float32)
+        spaces = {key: gym.spaces.Box(0, 255, shape=(3, *self.camera_size), dtype=np.uint8) for key in self.image_keys}
+        if self.obs_mode == "hybrid":
+            spaces.update({key: gym.spaces.Box(-np.inf, np.inf, shape=(dim,), dtype=np.float32)
+                           for key, dim in zip(PROPRIO_KEYS, PROPRIO_DIMS)})
+        return gym.spaces.Dict(spaces)
+
+    def _zero_obs(self):
+        if isinstance(self.observation_space, gym.spaces.Dict):
+            return {key: np.zeros(space.shape, space.dtype) for key, space in self.observation_space.items()}
+        return np.zeros(self.observation_space.shape, np.float32)
+
+    def _upright(self, raw_obs: dict) -> dict:
+        """robosuite's camera frames come bottom row first (OpenGL): flip them, once, in the raw dict, so
+        ``raw_obs`` images are upright ``[H, W, 3]`` like the gym observations (``[3, H, W]``)."""
+        for key in self.image_keys:
+            raw_obs[key] = np.ascontiguousarray(raw_obs[key][::-1])
+        return raw_obs
+
+    def _make_render_context_current(self) -> None:
+        # robosuite renders into whichever GL context is current: make it this env's (several envs, or a
+        # video renderer, may live in one process). The context exists once something has rendered.
+        context = getattr(self.sim, "_render_context_offscreen", None)
+        if context is not None:
+            context.gl_ctx.make_current()
+
+
+def _choose_gl_backend() -> None:
+    """Pick the offscreen OpenGL backend the videos use (EGL, then OSMesa) unless robosuite is imported."""
+    import sys
+
+    if "robosuite" in sys.modules or os.environ.get("MUJOCO_GL"):
+        return
+    from parapolicy.envs.opengl import select_gl_backend  # probes each backend in a subprocess
+
+    select_gl_backend()
 
 
 def make_env(task: str = "square", **kwargs) -> RobosuiteEnv:
     return RobosuiteEnv(task=task, **kwargs)
 
 
-GYM_IDS = {name: f"parapolicy/{name.capitalize()}-v0" for name in TASKS}
+GYM_IDS = {name: f"parapolicy/{name.title().replace('_', '')}-v0" for name in TASKS}
 
 
 def register_envs() -> None:
-    """Register ``parapolicy/Square-v0``, ``parapolicy/Lift-v0``, ``parapolicy/Can-v0``."""
+    """Register ``parapolicy/Square-v0``, ``parapolicy/Lift-v0``, ``parapolicy/Can-v0``, and the image
+    tasks ``parapolicy/LiftImage-v0``, ``parapolicy/SquareImage-v0``."""
     for name, env_id in GYM_IDS.items():
         if env_id not in gym.registry:
             gym.register(id=env_id, entry_point="parapolicy.envs.robosuite_env:RobosuiteEnv",

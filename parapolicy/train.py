@@ -2,6 +2,7 @@
 
     python -m parapolicy.train env=square                  # -> checkpoints/square
     python -m parapolicy.train env=lift iters=5000 out=/tmp/lift device=cuda
+    python -m parapolicy.train env=lift_image torch_threads=1  # cameras + proprioception (policy.vision)
 
 Every ``checkpoint_every`` iterations the EMA policy is written in the shipped format (``out/``,
 see parapolicy.policy.checkpoint), together with a resumable training state
@@ -27,6 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from parapolicy.devices import pick_device
 from parapolicy.policy.checkpoint import (
     REPO_ROOT,
     load_checkpoint,
@@ -50,12 +52,6 @@ def resolve_path(path: str | Path) -> Path:
     if path.is_absolute() or path.exists():
         return path
     return REPO_ROOT / path if (REPO_ROOT / path).exists() else path
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str = "cosine", start: int = 0) -> float:
@@ -167,12 +163,23 @@ def init_from_checkpoint(folder: str | Path, policy: DiffusionPolicy, ema: EMA,
 
 
 # ---------------------------------------------------------------------------------------- main loop
+def image_keys(cfg: DictConfig) -> list[str]:
+    """An image task's camera observations (``env.cameras``), robosuite's ``<camera>_image`` names."""
+    return [f"{camera}_image" for camera in (cfg.env.get("cameras") or [])]
+
+
 def build_policy_config(cfg: DictConfig, obs_dim: int, action_dim: int) -> DiffusionPolicyConfig:
     p = cfg.policy
+    cameras = image_keys(cfg)
+    size = int(cfg.env.get("camera_size") or 84)
+    vision = OmegaConf.to_container(p.vision, resolve=True) if cameras and p.get("vision") else {}
     return DiffusionPolicyConfig(
         obs_dim=obs_dim,
         action_dim=action_dim,
         obs_keys=list(cfg.env.obs_keys),
+        image_keys=cameras,
+        image_shape=[3, size, size],
+        vision=vision,
         env=cfg.env.get("name"),
         horizon=p.horizon,
         n_obs_steps=p.n_obs_steps,
@@ -200,9 +207,14 @@ def validation_loss(policy: DiffusionPolicy, dataset: SequenceDataset | None, ba
     generator = torch.Generator().manual_seed(seed)
     total = 0.0
     for _ in range(batches):
-        batch = {k: v.to(device) for k, v in dataset.sample(batch_size, generator).items()}
+        batch = to_device(dataset.sample(batch_size, generator), device)
         total += float(policy.compute_loss(batch, generator=generator))
     return total / batches
+
+
+def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """A batch (tensors, or dicts of them: image windows) on ``device``."""
+    return {k: to_device(v, device) if isinstance(v, Mapping) else v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def train(cfg: DictConfig) -> Path:
@@ -219,7 +231,9 @@ def train(cfg: DictConfig) -> Path:
     state_dir = out_dir / STATE_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    demos = load_demos(dataset_path, list(cfg.env.obs_keys), filter_key=cfg.get("filter_key"))
+    vision = cfg.policy.get("vision") or {}
+    demos = load_demos(dataset_path, list(cfg.env.obs_keys), filter_key=cfg.get("filter_key"), image_keys=image_keys(cfg),
+                       resize_shape=vision.get("resize_shape") if image_keys(cfg) else None)
     if cfg.env.get("obs_dim") is not None and demos[0].obs.shape[1] != cfg.env.obs_dim:
         raise ValueError(f"{dataset_path}: obs keys give dim {demos[0].obs.shape[1]}, env config says {cfg.env.obs_dim}")
     train_demos, val_demos = split_demos(demos, cfg.val_ratio, seed=cfg.seed)
@@ -237,11 +251,11 @@ def train(cfg: DictConfig) -> Path:
     policy.normalizer.load_state_dict(fitted.state_dict())
     policy.to(device)
     ema = EMA(copy.deepcopy(policy).requires_grad_(False).eval(), **OmegaConf.to_container(cfg.ema, resolve=True))
-    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
                                   weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
 
-    n_params = sum(param.numel() for param in policy.model.parameters())
+    n_params = sum(param.numel() for param in policy.parameters())  # U-Net (+ image encoder)
     dataset_sha = file_sha256(dataset_path)
     step, loss_ema, elapsed_before, stages, schedule_start = 0, None, 0.0, [], 0
     if cfg.resume and (state_dir / "state.json").is_file():
@@ -328,7 +342,7 @@ def train(cfg: DictConfig) -> Path:
         lr = cfg.lr * lr_factor(step, cfg.warmup_steps, cfg.iters, cfg.lr_scheduler, start=schedule_start)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = {k: v.to(device, non_blocking=True) for k, v in train_set.sample(cfg.batch_size, generator).items()}
+        batch = to_device(train_set.sample(cfg.batch_size, generator), device)
         loss = policy.compute_loss(batch, generator=generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

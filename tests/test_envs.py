@@ -18,7 +18,7 @@ def env_for(task):
 
 
 def test_unknown_task_lists_known_ones():
-    with pytest.raises(ValueError, match="unknown env 'sqaure'.*can, lift, square"):
+    with pytest.raises(ValueError, match="unknown env 'sqaure'.*can, lift, lift_image, square, square_image"):
         get_task("sqaure")
 
 

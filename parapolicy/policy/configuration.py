@@ -17,6 +17,13 @@ class DiffusionPolicyConfig:
     action_dim: int = 7
     obs_keys: list[str] = field(default_factory=list)  # concatenation order of robosuite obs keys
     env: str | None = None
+    # Camera inputs (image policies): robosuite observation names (``agentview_image``, ...), each frame
+    # uint8 ``image_shape`` [3, H, W]; ``vision`` holds parapolicy.policy.vision.ImageObsEncoder's
+    # arguments (backbone, backbone_kwargs, resize_shape, crop_shape, num_kp, feature_dim). Its output,
+    # per observation step, is the U-Net's global conditioning.
+    image_keys: list[str] = field(default_factory=list)
+    image_shape: list[int] = field(default_factory=lambda: [3, 84, 84])
+    vision: dict[str, Any] = field(default_factory=dict)
     # Temporal structure (Diffusion Policy's defaults): predict `horizon` actions from
     # `n_obs_steps` observations, execute `n_action_steps` of them starting at `action_start`.
     horizon: int = 16
@@ -44,6 +51,11 @@ class DiffusionPolicyConfig:
 
     def __post_init__(self) -> None:
         self.obs_keys = list(self.obs_keys)
+        self.image_keys = list(self.image_keys)
+        self.image_shape = [int(v) for v in self.image_shape]
+        self.vision = dict(self.vision)
+        if self.image_keys and (len(self.image_shape) != 3 or self.image_shape[0] != 3):
+            raise ValueError(f"image_shape must be [3, H, W], got {self.image_shape}")
         self.down_dims = [int(d) for d in self.down_dims]
         self.sampler_options = dict(self.sampler_options)
         if self.n_obs_steps < 1 or self.n_action_steps < 1:
@@ -70,8 +82,13 @@ class DiffusionPolicyConfig:
         return self.n_obs_steps - (1 if self.oa_step_convention else 0) + self.n_latency_steps
 
     @property
+    def feature_dim(self) -> int:
+        """Conditioning features per observation step: the cameras' features, then the low-dim vector."""
+        return len(self.image_keys) * int(self.vision.get("feature_dim", 64)) + self.obs_dim
+
+    @property
     def global_cond_dim(self) -> int:
-        return self.obs_dim * self.n_obs_steps
+        return self.feature_dim * self.n_obs_steps
 
     def network_kwargs(self) -> dict[str, Any]:
         return dict(

@@ -3,6 +3,7 @@
 File layout (ours and robomimic's ``low_dim.hdf5``)::
 
     data/demo_<i>/obs/<key>   [T, key_dim]
+    data/demo_<i>/obs/<camera>_image   [T, H, W, 3] uint8 (image datasets; robomimic's layout, upright)
     data/demo_<i>/actions     [T, action_dim]
     mask/<filter_key>         optional list of demo names (e.g. robomimic's "train" / "valid")
 
@@ -29,6 +30,7 @@ class Demo:
     name: str
     obs: np.ndarray  # [T, obs_dim] float32, obs keys concatenated in the given order
     actions: np.ndarray  # [T, action_dim] float32
+    images: dict[str, np.ndarray] | None = None  # camera key -> [T, 3, H, W] uint8
 
 
 def _demo_number(name: str) -> int:
@@ -61,8 +63,15 @@ def load_demos(
     obs_keys: Sequence[str],
     filter_key: str | None = None,
     demo_names: Sequence[str] | None = None,
+    image_keys: Sequence[str] = (),
+    resize_shape: Sequence[int] | None = None,
 ) -> list[Demo]:
-    """Read demos into memory, concatenating ``obs_keys`` in order into one ``[T, obs_dim]`` array."""
+    """Read demos into memory, concatenating ``obs_keys`` in order into one ``[T, obs_dim]`` array.
+
+    ``image_keys``: camera frames to load as uint8 ``[T, 3, H, W]``, resized to ``resize_shape`` (H, W) if
+    given, as the image policy's encoder would (bilinear, antialiased), so a small policy holds and
+    gathers a quarter of the pixels.
+    """
     import h5py
 
     path = Path(path)
@@ -75,7 +84,7 @@ def load_demos(
     with h5py.File(path, "r") as f:
         for name in names:
             group = f["data"][name]
-            missing = [k for k in obs_keys if k not in group["obs"]]
+            missing = [k for k in (*obs_keys, *image_keys) if k not in group["obs"]]
             if missing:
                 raise ValueError(
                     f"{path}: data/{name}/obs lacks keys {missing} (has {sorted(group['obs'].keys())})"
@@ -85,8 +94,24 @@ def load_demos(
             actions = np.asarray(group["actions"][()], dtype=np.float32)
             if any(len(p) != len(actions) for p in parts):
                 raise ValueError(f"{path}: data/{name} has obs and actions of different lengths")
-            demos.append(Demo(name, np.concatenate(parts, axis=1), actions))
+            images = {key: _load_frames(group["obs"][key], resize_shape) for key in image_keys} or None
+            if images and any(len(v) != len(actions) for v in images.values()):
+                raise ValueError(f"{path}: data/{name} has images and actions of different lengths")
+            demos.append(Demo(name, np.concatenate(parts, axis=1), actions, images))
     return demos
+
+
+def _load_frames(dataset, resize_shape: Sequence[int] | None) -> np.ndarray:
+    """An HDF5 ``[T, H, W, 3]`` uint8 frame dataset -> ``[T, 3, H', W']`` uint8 (resized if asked)."""
+    frames = np.asarray(dataset[()])
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"{dataset.name}: expected uint8 [T, H, W, 3] frames, got {frames.dtype} {list(frames.shape)}")
+    frames = torch.from_numpy(np.ascontiguousarray(frames.transpose(0, 3, 1, 2)))
+    if resize_shape is not None and tuple(frames.shape[-2:]) != tuple(resize_shape):
+        resized = torch.nn.functional.interpolate(frames.float(), size=tuple(int(v) for v in resize_shape),
+                                                  mode="bilinear", align_corners=False, antialias=True)
+        frames = resized.round().clamp(0, 255).to(torch.uint8)
+    return frames.numpy()
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -115,6 +140,9 @@ class SequenceDataset(torch.utils.data.Dataset):
         self.demo_names = [d.name for d in demos]
         self.obs = torch.from_numpy(np.concatenate([d.obs for d in demos]))  # [N_frames, obs_dim]
         self.actions = torch.from_numpy(np.concatenate([d.actions for d in demos]))  # [N_frames, A]
+        keys = list(demos[0].images or {})
+        # camera key -> [N_frames, 3, H, W] uint8
+        self.images = {key: torch.from_numpy(np.concatenate([d.images[key] for d in demos])) for key in keys}
 
         pad_before, pad_after = n_obs_steps - 1, n_action_steps - 1
         starts, firsts, lasts = [], [], []
@@ -157,15 +185,19 @@ class SequenceDataset(torch.utils.data.Dataset):
         return len(self._start)
 
     def windows(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Gather windows ``index [B]`` -> ``obs [B, n_obs_steps, obs_dim]``, ``action [B, horizon, A]``."""
+        """Gather windows ``index [B]`` -> ``obs [B, n_obs_steps, obs_dim]``, ``action [B, horizon, A]``
+        (and, for image datasets, ``images`` {key: uint8 ``[B, n_obs_steps, 3, H, W]``})."""
         frames = self._start[index, None] + self._steps  # [B, horizon]
         # Clamping into the episode repeats its first / last frame: DP's edge padding.
         frames = torch.maximum(torch.minimum(frames, self._last[index, None]), self._first[index, None])
-        return {"obs": self.obs[frames[:, : self.n_obs_steps]], "action": self.actions[frames]}
+        window = {"obs": self.obs[frames[:, : self.n_obs_steps]], "action": self.actions[frames]}
+        if self.images:
+            window["images"] = {key: value[frames[:, : self.n_obs_steps]] for key, value in self.images.items()}
+        return window
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         batch = self.windows(torch.tensor([i]))
-        return {k: v[0] for k, v in batch.items()}
+        return {k: ({key: x[0] for key, x in v.items()} if isinstance(v, dict) else v[0]) for k, v in batch.items()}
 
     def sample(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Uniformly random windows (with replacement)."""

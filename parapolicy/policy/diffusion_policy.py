@@ -41,6 +41,8 @@ class DiffusionPolicy(nn.Module):
         self.config = config
         self.model = ConditionalUnet1D(**config.network_kwargs())
         self.normalizer = PolicyNormalizer(config.obs_dim, config.action_dim)
+        # image policies: camera frames (+ the normalised low-dim vector) -> per-step features
+        self.obs_encoder = build_obs_encoder(config) if config.image_keys else None
         if scheduler_config is None:
             self.noise_scheduler = DDPMScheduler(**config.scheduler_kwargs())
         else:
@@ -116,8 +118,9 @@ class DiffusionPolicy(nn.Module):
 
     # ------------------------------------------------------------------ training
     def compute_loss(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
-        """DDPM epsilon loss on raw batch ``obs [B, n_obs_steps, obs_dim]``, ``action [B, horizon, A]``."""
-        obs = self.normalizer.obs.normalize(batch["obs"])
+        """DDPM epsilon loss on raw batch ``obs [B, n_obs_steps, obs_dim]``, ``action [B, horizon, A]``
+        (image policies: ``images`` {key: uint8 ``[B, n_obs_steps, 3, H, W]``})."""
+        global_cond = self.global_condition(batch["obs"], batch.get("images"))
         actions = self.normalizer.action.normalize(batch["action"])
         batch_size = actions.shape[0]
         gen_device = generator.device if generator is not None else actions.device
@@ -126,7 +129,7 @@ class DiffusionPolicy(nn.Module):
             self.noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator, device=gen_device
         ).to(actions.device)
         noisy = self.noise_scheduler.add_noise(actions, noise, timesteps)
-        pred = self.model(noisy, timesteps, obs.flatten(1))
+        pred = self.model(noisy, timesteps, global_cond)
         if self.config.prediction_type == "epsilon":
             target = noise
         elif self.config.prediction_type == "sample":
@@ -134,6 +137,40 @@ class DiffusionPolicy(nn.Module):
         else:
             raise ValueError(f"unsupported prediction_type {self.config.prediction_type!r}")
         return F.mse_loss(pred, target)
+
+    def global_condition(self, obs_history: torch.Tensor, images: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The U-Net's conditioning ``[B, n_obs_steps * feature_dim]`` from raw ``obs_history [B, T, obs_dim]``
+        and, for image policies, ``images`` {key: ``[B, T, 3, H, W]``, uint8 0..255 or float 0..1}: the
+        observation encoder runs once per step of every history (DP's layout: step-major features)."""
+        nobs = self.normalizer.obs.normalize(obs_history)
+        if self.obs_encoder is None:
+            return nobs.flatten(1)
+        batch, steps = nobs.shape[:2]
+        frames = {}
+        for key in self.config.image_keys:
+            image = torch.as_tensor(images[key], device=nobs.device)
+            unit = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
+            frames[key] = (unit * 2.0 - 1.0).flatten(0, 1)  # DP's image range normaliser: [0, 1] -> [-1, 1]
+        return self.obs_encoder(frames, nobs.flatten(0, 1)).reshape(batch, -1)
+
+    def _check_images(self, images, batch: int) -> dict[str, torch.Tensor] | None:
+        cfg = self.config
+        if not cfg.image_keys:
+            return None
+        if images is None:
+            raise ValueError(f"this policy sees cameras {cfg.image_keys}: pass images={{key: [B, {cfg.n_obs_steps}, "
+                             f"{', '.join(map(str, cfg.image_shape))}]}}")
+        missing = [k for k in cfg.image_keys if k not in images]
+        if missing:
+            raise ValueError(f"images lacks keys {missing} (policy needs {cfg.image_keys})")
+        checked = {}
+        for key in cfg.image_keys:
+            image = torch.as_tensor(images[key], device=self.device)
+            expected = (batch, cfg.n_obs_steps, *cfg.image_shape)
+            if tuple(image.shape) != expected:
+                raise ValueError(f"images[{key!r}] must have shape {list(expected)}, got {list(image.shape)}")
+            checked[key] = image
+        return checked
 
     # ------------------------------------------------------------------ inference
     def make_denoise_fn(self, global_cond: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -189,6 +226,7 @@ class DiffusionPolicy(nn.Module):
         prefix: torch.Tensor | None = None,
         prefix_weights: torch.Tensor | None = None,
         prefix_noise: torch.Tensor | None = None,
+        images: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, Any]:
         """Plan actions for a batch of observation histories.
 
@@ -210,6 +248,9 @@ class DiffusionPolicy(nn.Module):
         ``[L]`` in [0, 1] (default 1: imposed exactly) blend them with the model's values instead.
         See ``parapolicy.samplers.constraints``.
 
+        ``images`` (image policies): {camera key: ``[B, n_obs_steps, 3, H, W]``, uint8 or float in [0, 1]};
+        encoded once per call, before sampling (``encode_ms`` in the result; ``sample_ms`` is the rest).
+
         Returns ``action [B, n_action_steps, A]`` (the executed slice), ``action_pred [B, horizon, A]``
         in raw units, and the sampler's ``rounds``, ``model_evals``, ``converged``, ``errors``,
         ``trajectory`` (normalised units, may be None) and ``sample`` (the normalised chunk, what
@@ -218,9 +259,12 @@ class DiffusionPolicy(nn.Module):
         cfg = self.config
         obs_history = self._check_obs_history(obs_history)
         batch = obs_history.shape[0]
-        if self.model.training:
-            self.model.eval()
-        global_cond = self.normalizer.obs.normalize(obs_history).flatten(1)  # [B, n_obs_steps * obs_dim]
+        images = self._check_images(images, batch)
+        if self.training or self.model.training:
+            self.eval()  # eval crops (centre) and no dropout
+        encode_start = _now(self.device)
+        global_cond = self.global_condition(obs_history, images)  # [B, n_obs_steps * feature_dim], once per call
+        encode_end = _now(self.device)
         shape = (batch, cfg.horizon, cfg.action_dim)
         if x_T is None:
             gen_device = generator.device if generator is not None else self.device
@@ -262,6 +306,8 @@ class DiffusionPolicy(nn.Module):
             "errors": getattr(out, "errors", None),
             "trajectory": getattr(out, "trajectory", None),
             "sample": sample,
+            "encode_ms": (encode_end - encode_start) * 1e3,
+            "sample_ms": (_now(self.device) - encode_end) * 1e3,
         }
 
     def _prefix_constraint(self, prefix, weights, eta, batch: int, generator):
@@ -291,6 +337,7 @@ class DiffusionPolicy(nn.Module):
     def reset(self) -> None:
         """Forget the observation history and queued actions (call at every episode start)."""
         self._obs_history: deque[np.ndarray] = deque(maxlen=self.config.n_obs_steps)
+        self._image_history: deque[dict[str, np.ndarray]] = deque(maxlen=self.config.n_obs_steps)
         self._action_queue: deque[np.ndarray] = deque()
         self._previous_sample: torch.Tensor | None = None  # warm start never crosses episodes
 
@@ -318,6 +365,26 @@ class DiffusionPolicy(nn.Module):
             raise ValueError("observation contains NaN or inf")
         return flat
 
+    def _obs_images(self, obs: Any) -> dict[str, np.ndarray]:
+        """Camera frames of a robosuite obs dict as uint8 ``[3, H, W]``: upright ``[H, W, 3]`` (parapolicy's
+        env ``raw_obs``, robomimic's datasets) or channel-first ``[3, H, W]`` (its gym observation)."""
+        cfg = self.config
+        if not isinstance(obs, Mapping):
+            raise ValueError(f"this policy sees cameras {cfg.image_keys}: pass the observation dict, not an array")
+        frames = {}
+        for key in cfg.image_keys:
+            if key not in obs:
+                raise ValueError(f"observation dict lacks camera {key!r} (policy needs {cfg.image_keys}); "
+                                 "make the env with its image task, e.g. make_env('lift_image')")
+            frame = np.asarray(obs[key])
+            if frame.ndim == 3 and frame.shape[-1] == 3 and frame.shape[0] != 3:
+                frame = frame.transpose(2, 0, 1)
+            if list(frame.shape) != cfg.image_shape or frame.dtype != np.uint8:
+                raise ValueError(f"obs[{key!r}] must be uint8 [H, W, 3] or [3, H, W] with [3, H, W] = "
+                                 f"{cfg.image_shape}, got {frame.dtype} {list(np.shape(obs[key]))}")
+            frames[key] = np.ascontiguousarray(frame)
+        return frames
+
     def act(self, obs: Mapping[str, Any] | np.ndarray | torch.Tensor) -> np.ndarray:
         """One control step: record ``obs`` and return the next action ``[action_dim]`` (float32).
 
@@ -328,28 +395,51 @@ class DiffusionPolicy(nn.Module):
         """
         start = time.perf_counter()
         flat = self._flat_obs(obs)
+        frames = self._obs_images(obs) if self.config.image_keys else {}
         if not self._obs_history:
             self._obs_history.extend([flat] * self.config.n_obs_steps)
+            self._image_history.extend([frames] * self.config.n_obs_steps)
         else:
             self._obs_history.append(flat)
+            self._image_history.append(frames)
 
         replanned = not self._action_queue
         info: dict[str, Any] = {"replanned": replanned, "rounds": 0, "model_evals": 0, "converged": None}
         if replanned:
             history = torch.from_numpy(np.stack(self._obs_history))[None]  # [1, n_obs_steps, obs_dim]
             warm_from = self._previous_sample if self.warm_start else None
-            plan = self.predict_action(history, warm_from=warm_from)
+            images = None
+            if self.config.image_keys:  # {key: [1, n_obs_steps, 3, H, W]} uint8
+                images = {key: torch.from_numpy(np.stack([step[key] for step in self._image_history]))[None]
+                          for key in self.config.image_keys}
+            plan = self.predict_action(history, warm_from=warm_from, images=images)
             self._previous_sample = plan.get("sample")
             info["warm"] = warm_from is not None
             self._action_queue.extend(plan["action"][0].cpu().numpy())
             converged = plan["converged"]
             if torch.is_tensor(converged):
                 converged = bool(converged.all())
-            info.update(rounds=_as_int(plan["rounds"]), model_evals=_as_int(plan["model_evals"]), converged=converged)
+            info.update(rounds=_as_int(plan["rounds"]), model_evals=_as_int(plan["model_evals"]), converged=converged,
+                        encode_ms=plan.get("encode_ms"), sample_ms=plan.get("sample_ms"))
         action = self._action_queue.popleft()
         info["latency_s"] = time.perf_counter() - start
         self.last_info = info
         return action
+
+
+def build_obs_encoder(config: DiffusionPolicyConfig) -> nn.Module:
+    """The observation encoder of an image policy (``config.image_keys``; options in ``config.vision``)."""
+    from parapolicy.policy.vision import ImageObsEncoder
+
+    options = {"feature_dim": 64, **config.vision}
+    return ImageObsEncoder(config.image_keys, config.image_shape, config.obs_dim, **options)
+
+
+def _now(device: torch.device) -> float:
+    """perf_counter after the device's queued work (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _as_int(value: Any) -> Any:
