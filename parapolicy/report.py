@@ -17,7 +17,7 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> None:
-    from parapolicy.evaluation.report import collect_rows, format_rows, plot_realtime, plot_rows
+    from parapolicy.evaluation.report import collect_rows, format_realtime_rows, format_rows, plot_realtime, plot_rows
 
     parser = argparse.ArgumentParser(prog="python -m parapolicy.report", description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path, help="a folder holding eval summary.json files (any depth)")
@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> None:
     if not rows:
         parser.error(f"no summary.json below {args.folder}")
     print(format_rows(rows))
+    realtime = format_realtime_rows(rows)
+    if realtime:
+        print("\nreal time:\n" + realtime)
     (args.folder / "report.json").write_text(json.dumps(rows, indent=2))
     plot_rows(rows, args.folder / "report.png")
     print(f"wrote {args.folder / 'report.json'} and {args.folder / 'report.png'}")

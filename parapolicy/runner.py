@@ -161,7 +161,7 @@ class PolicyRunner:
             active[i] = False
             records[i]["error"] = error
             records[i]["wall_s"] = time.perf_counter() - started - hook_s
-            if realtime:
+            if self.control_period_s:  # robot time: every step, holds and stalls included
                 records[i]["task_time_s"] = records[i]["length"] * self.control_period_s
             if on_episode is not None:
                 on_episode(i, records[i])

@@ -56,6 +56,8 @@ def summarize_run(episodes: Iterable[Mapping]) -> dict:
         "control_hz": steps / wall if wall > 0 else float("nan"),
         "episode_length_mean": steps / n if n else float("nan"),
     }
+    if episodes and all("task_time_s" in ep for ep in episodes):  # robot time per episode (any timing)
+        summary["task_time_s"] = float(np.mean([ep["task_time_s"] for ep in episodes]))
     timed = [ep for ep in episodes if "stall_steps" in ep]  # real-time runs (timing=async / hold)
     if timed:
         delays = [c["delay_steps"] for c in calls if "delay_steps" in c and not c.get("blocking")]

@@ -126,6 +126,26 @@ def realtime_series(rows: list[dict]) -> dict[str, list[dict]]:
     return dict(series)
 
 
+def format_realtime_rows(rows: list[dict]) -> str:
+    """Real-time rows (timing async / hold, and sync rows of the same env) by env, timing, transition and
+    latency: success, mean delay, stalls and task time."""
+    timed = [r for r in rows if r.get("timing", "sync") != "sync" or r.get("task_time_s") is not None]
+    if not timed:
+        return ""
+    header = (f"{'env':<8} {'sampler':<14} {'timing':>6} {'transition':>11} {'latency':>9} {'delay':>6} "
+              f"{'success':>8} {'95% CI':>15} {'stalls':>7} {'task s':>7}  dir")
+    lines = [header, "-" * len(header)]
+    order = lambda r: (str(r["env"]), r["sampler"], r["timing"], str(r["transition"]), fixed_latency_ms(r) or 0.0)
+    for r in sorted(timed, key=order):
+        lo, hi = r["success_ci95"]
+        latency = r["latency"] or "-" if fixed_latency_ms(r) is None else f"{fixed_latency_ms(r):g} ms"
+        transition = r["transition"] if r["timing"] == "async" else "-"
+        lines.append(f"{str(r['env']):<8} {r['sampler']:<14} {r['timing']:>6} {str(transition):>11} "
+                     f"{str(latency)[:9]:>9} {r['delay_steps'] or 0:>6.2f} {r['success_rate']:>8.2f} "
+                     f"{f'[{lo:.2f}, {hi:.2f}]':>15} {r['stall_steps'] or 0:>7.1f} {r['task_time_s']:>7.2f}  {r['dir']}")
+    return "\n".join(lines)
+
+
 def plot_realtime(rows: list[dict], path: Path) -> bool:
     """Success and mean task time against latency (a ``-m latency=...`` sweep); False if no such rows."""
     series = realtime_series(rows)
