@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from parapolicy.devices import synchronize as _sync
+from parapolicy.policy.diffusion_policy import OBS_KEY_ALIASES
 
 
 def make_vector_env(task: str, n_envs: int, max_episode_steps: int | None = None, **env_kwargs) -> gym.vector.VectorEnv:
@@ -37,6 +38,39 @@ def make_vector_env(task: str, n_envs: int, max_episode_steps: int | None = None
     # the env gymnasium builds here to read the spaces, and GL state is not fork-safe.
     context = "spawn" if env_kwargs.get("render_mode") else None
     return gym.vector.AsyncVectorEnv(fns, autoreset_mode=mode, context=context)
+
+
+def row_of(obs, i: int):
+    """Env ``i``'s observation from a vector env's batch: an array row, or a dict of rows (camera tasks)."""
+    if isinstance(obs, dict):
+        return {key: value[i] for key, value in obs.items()}
+    return obs[i]
+
+
+def policy_inputs(cfg, histories, lead: int = 0) -> tuple[torch.Tensor, dict]:
+    """``(obs_history [B, n_obs_steps, obs_dim], images {key: [B, n_obs_steps, 3, H, W]})`` from one
+    observation window per env (flat vectors, or dicts with camera frames and the policy's ``obs_keys``).
+
+    ``lead`` > 0 (transition ``forecast``): the low-dim window extrapolated that many steps; camera frames
+    are the latest ones (pixels are not extrapolated).
+    """
+    from parapolicy.realtime.transitions import forecast_history
+
+    image_keys = list(getattr(cfg, "image_keys", None) or [])
+    flat, images = [], {key: [] for key in image_keys}
+    for window in histories:
+        steps = list(window)
+        if isinstance(steps[0], dict):
+            keys = [k if k in steps[0] else OBS_KEY_ALIASES.get(k, k) for k in cfg.obs_keys]
+            rows = [np.concatenate([np.asarray(o[k], np.float32).reshape(-1) for k in keys]) if keys
+                    else np.zeros(0, np.float32) for o in steps]
+            for key in image_keys:
+                images[key].append(np.stack([o[key] for o in steps]))
+        else:
+            rows = steps
+        flat.append(forecast_history(np.stack(rows).astype(np.float32), lead))
+    return (torch.from_numpy(np.stack(flat)),
+            {key: torch.from_numpy(np.stack(frames)) for key, frames in images.items()})
 
 
 def draw_noise(policy, generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -129,7 +163,7 @@ class PolicyRunner:
         transition, realtime = self.transition, self.timing != "sync"
         padded = list(seeds) + [seeds[-1]] * (self.n_envs - n)  # idle envs replay a seed, results unused
         obs, _ = self.envs.reset(seed=padded)
-        history = [deque([obs[i]] * cfg.n_obs_steps, maxlen=cfg.n_obs_steps) for i in range(n)]
+        history = [deque([row_of(obs, i)] * cfg.n_obs_steps, maxlen=cfg.n_obs_steps) for i in range(n)]
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
         latency_rng = self.latency.generator(int(seeds[0]))  # a batch shares its calls' latency
         records = [{"seed": int(s), "success": False, "length": 0, "reward": 0.0, "error": None, "calls": []}
@@ -225,10 +259,11 @@ class PolicyRunner:
                 d_plan = delay_steps(max(state["recent_ms"]), self.control_period_s) if state["recent_ms"] else 0
             known = {i: known_actions(i, t, d_plan) for i in idx} if realtime and not first else {}
             lead = d_plan if transition.forecast and self.timing == "async" else 0  # planned for t + lead
-            obs_history = torch.from_numpy(np.stack([forecast_history(np.stack(history[i]), lead) for i in idx]))
+            obs_history, images = policy_inputs(cfg, [history[i] for i in idx], lead)
             if m > 1:
                 obs_history = obs_history.repeat_interleave(m, dim=0)
-            prefix_args = {}
+                images = {k: v.repeat_interleave(m, dim=0) for k, v in images.items()}
+            prefix_args = {"images": images} if images else {}  # everything predict_action takes beyond x_T, noise
             if transition.prefix != "none" and not first and self.timing == "async":
                 pieces = [prefix_for(transition, known[i], start + d_plan, H, self.execution_horizon) for i in idx]
                 if pieces[0][0] is not None:
@@ -236,8 +271,8 @@ class PolicyRunner:
                     prefix = torch.from_numpy(np.stack([p[0][:length] for p in pieces]))
                     weights = torch.from_numpy(np.stack([p[1][:length] for p in pieces]))
                     eta = torch.cat([torch.randn((m, length, A), generator=generators[i]) for i in idx])
-                    prefix_args = {"prefix": prefix.repeat_interleave(m, dim=0),
-                                   "prefix_weights": weights.repeat_interleave(m, dim=0), "prefix_noise": eta}
+                    prefix_args.update(prefix=prefix.repeat_interleave(m, dim=0),
+                                       prefix_weights=weights.repeat_interleave(m, dim=0), prefix_noise=eta)
             warm_from, warm_shift = None, None
             if self.policy.warm_start and all(previous[i] is not None for i in idx):
                 warm_shift = t - state["last_request"]
@@ -333,7 +368,7 @@ class PolicyRunner:
                 rec = records[i]
                 rec["length"] += 1
                 rec["reward"] += float(reward[i])
-                history[i].append(obs[i])
+                history[i].append(row_of(obs, i))
                 rec["success"] = rec["success"] or bool(info["is_success"][i])
                 error = info["error"][i] if "_error" in info and info["_error"][i] else None
                 if terminated[i] or truncated[i] or error:

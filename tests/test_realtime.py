@@ -485,3 +485,56 @@ def test_every_transition_in_every_sampler_family_parallel_equals_sequential(tra
         executed[name] = np.stack(envs.envs[0].actions)
     np.testing.assert_allclose(executed[parallel], executed[sequential], atol=1e-4)
     assert np.abs(executed[sequential]).max() > 0.05  # the policy really acted
+
+
+class CameraEnv(gym.Env):
+    """A camera task in miniature: uint8 [3, 84, 84] frames of two cameras and the proprioception."""
+
+    cameras = ("agentview_image", "robot0_eye_in_hand_image")
+    observation_space = gym.spaces.Dict({
+        **{key: gym.spaces.Box(0, 255, (3, 84, 84), np.uint8) for key in cameras},
+        "robot0_eef_pos": gym.spaces.Box(-np.inf, np.inf, (3,), np.float32),
+        "robot0_eef_quat": gym.spaces.Box(-np.inf, np.inf, (4,), np.float32),
+        "robot0_gripper_qpos": gym.spaces.Box(-np.inf, np.inf, (2,), np.float32)})
+    action_space = gym.spaces.Box(-1e9, 1e9, (7,), np.float32)
+    control_period_s = PERIOD
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.rng, self.t = np.random.default_rng(seed), 0
+        return self._obs(), {}
+
+    def _obs(self):
+        obs = {key: self.rng.integers(0, 256, (3, 84, 84), dtype=np.uint8) for key in self.cameras}
+        obs.update({"robot0_eef_pos": np.full(3, 0.1 * self.t, np.float32), "robot0_eef_quat": np.zeros(4, np.float32),
+                    "robot0_gripper_qpos": np.zeros(2, np.float32)})
+        return obs
+
+    def step(self, action):
+        self.t += 1
+        return self._obs(), 0.0, False, self.t >= 12, {"is_success": False}
+
+
+@pytest.mark.parametrize("timing, transition", [("sync", "naive"), ("async", "forecast"), ("async", "bid_prefix:2")])
+def test_image_policies_run_closed_loop_under_real_time_execution(timing, transition):
+    """The runner hands an image policy its camera frames ([B, n_obs_steps, 3, H, W]) and its low-dim keys,
+    under every kind of execution; the encoder runs once per call."""
+    from test_vision import _image_policy
+
+    torch.set_num_threads(1)
+    policy = _image_policy()
+    encoder_calls = []
+    policy.obs_encoder.register_forward_hook(lambda *args: encoder_calls.append(1))
+    seen = []
+    original = policy.predict_action
+    policy.predict_action = lambda history, **kw: seen.append((history.clone(), kw.get("images"))) or original(history, **kw)
+    envs = gym.vector.SyncVectorEnv([CameraEnv], autoreset_mode=gym.vector.AutoresetMode.DISABLED)
+    latency = "measured" if timing == "sync" else 100
+    record = PolicyRunner(envs, policy, timing=timing, latency=latency, transition=transition).run_batch([3])[0]
+    assert record["error"] is None and record["length"] == 12
+    assert len(encoder_calls) == len(record["calls"]) == len(seen) >= 3
+    history, images = seen[1]
+    assert set(images) == set(CameraEnv.cameras) and images["agentview_image"].dtype == torch.uint8
+    assert tuple(images["agentview_image"].shape[1:]) == (2, 3, 84, 84)
+    expected_t = 4.0 + (2 if transition == "forecast" else 0)  # second plan at step 4 (n_action_steps 4)
+    np.testing.assert_allclose(history[0, -1, :3].numpy(), [0.1 * expected_t] * 3, atol=1e-5)
