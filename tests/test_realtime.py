@@ -177,6 +177,9 @@ def test_latency_profiles_of_every_kind(tmp_path):
     assert read_profile(profile) == {"ddpm": [10.0, 12.0], "paraddpm": [3.0]}
     assert read_profile(bench) == {"ddim-10": [5.0, 6.0]}  # batch 1 rows only
     assert read_profile(episodes) == {"ddpm": [7.0, 9.0]}
+    summary = tmp_path / "summary.json"  # an eval's summary: its per-call latencies are in the log beside it
+    summary.write_text(json.dumps({"sampler_label": "ddpm", "runs": {"ddpm": {"latency_ms": {"p50": 8.0}}}}))
+    assert read_profile(summary) == {"ddpm": [7.0, 9.0]}
     model = LatencyModel.parse(f"profile:{profile}", run_label="paraddpm")
     assert model.kind == "profile" and model.samples == [3.0] and model.describe().endswith("#paraddpm")
     chosen = LatencyModel.parse(f"profile:{profile}#ddpm")

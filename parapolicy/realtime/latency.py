@@ -7,7 +7,8 @@ machine reproduces what a GPU's or a robot computer's latency does to success. T
 
 - a ``latency_profile.json`` (``make gpu-check``): ``{"runs": {label: {"latency_ms": [ms, ...]}}}``;
 - a ``bench.json`` (``python -m parapolicy.bench``): rows with ``label`` and ``latencies_ms``;
-- an eval's ``episodes.jsonl``: every call's ``latency_ms``, per ``run``.
+- an eval's ``episodes.jsonl``: every call's ``latency_ms``, per ``run`` (or its ``summary.json``, which
+  points to the ``episodes.jsonl`` beside it).
 
 The replayed latency of call k of episode e is drawn from that run's list by a generator seeded with
 the episode seed, so a run is reproducible and independent of batching and of other runs.
@@ -52,6 +53,9 @@ def read_profile(path: str | Path) -> dict[str, list[float]]:
         for row in data.get("samplers", []) if isinstance(data.get("samplers"), list) else []:  # bench.json
             if row.get("latencies_ms") and int(row.get("batch") or 1) == 1:
                 runs.setdefault(str(row["label"]), []).extend(float(v) for v in row["latencies_ms"])
+        beside = path.parent / "episodes.jsonl"
+        if not any(runs.values()) and "sampler_label" in data and beside.is_file():  # an eval's summary.json
+            return read_profile(beside)
     runs = {label: values for label, values in runs.items() if values}
     if not runs:
         raise ValueError(f"latency profile {str(path)!r} holds no per-call latencies (expected a latency_profile.json, "
