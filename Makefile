@@ -12,7 +12,7 @@ RAY_STAMP := $(VENV)/.parapolicy-ray-installed
 DOCS_STAMP := $(VENV)/.parapolicy-docs-installed
 ARGS ?=
 
-.PHONY: setup run test collect train bench clean-venv docs
+.PHONY: setup run test collect train bench gpu-wheels gpu-check clean-venv docs
 
 setup: $(STAMP)
 
@@ -43,6 +43,29 @@ train: setup
 
 bench: setup
 	$(PY) -m parapolicy.bench $(ARGS)
+
+# GPU check (scripts/gpu_check.py, docs/gpu.md). gpu-wheels: the pinned wheels a GPU machine lacks
+# (scripts/gpu-requirements.txt) into .whl/, sizes reported; fails when the tree that travels plus the
+# wheels would pass GPU_CAP_MIB (the device's limit is 64). gpu-check: on a GPU machine, from the
+# checkout with .whl/ carried: `make gpu-check` (or `python3 scripts/gpu_check.py`); OUT=<dir>.
+# DEVICE=cpu rehearses it here, in a clean venv holding only the GPU image's packages + the wheels.
+WHEELS ?= .whl
+GPU_CAP_MIB ?= 60
+OUT ?= outputs/gpu_check
+DEVICE ?= cuda
+REHEARSAL_VENV ?= /tmp/parapolicy-gpu-rehearsal
+
+gpu-wheels:
+	$(PYTHON) scripts/gpu_check.py --fetch-wheels --wheels $(WHEELS) --cap-mib $(GPU_CAP_MIB)
+
+ifeq ($(DEVICE),cpu)
+gpu-check: setup
+	$(PY) scripts/gpu_check.py --make-venv $(REHEARSAL_VENV)
+	$(REHEARSAL_VENV)/bin/python scripts/gpu_check.py --device cpu --wheels $(WHEELS) --out $(OUT) $(ARGS)
+else
+gpu-check:
+	$(PYTHON) scripts/gpu_check.py --device $(DEVICE) --wheels $(WHEELS) --out $(OUT) $(ARGS)
+endif
 
 clean-venv:
 	rm -rf $(VENV)

@@ -278,3 +278,15 @@ def test_bench_cli_times_a_dp_size_network(files, tmp_path):
     assert {r["label"] for r in result["samplers"]} == {"paraddpm-3", "ddpm-3"}
     assert {r["network"] for r in result["denoiser"]} == {"dp_lowdim"}
     assert all(r["predicted_ms"] > 0 for r in result["samplers"])  # the model reads the dp_lowdim curve
+
+
+def test_sampler_at_steps():
+    """name@steps: that sampler at that schedule length, labelled like the eval (ddim-10); the twin of a
+    parallel sampler at its own length; a bad length is refused."""
+    cfg = tiny_cfg(samplers=["ddim@10", "paraddim@6", "ddim@10"], num_inference_steps=None)
+    jobs = {job.label: job for job in build_jobs(cfg, tiny_policy(), [])["samplers"]}
+    assert list(jobs) == ["ddim-10", "paraddim-6", "ddim-6"]  # listed twice: timed once
+    assert jobs["ddim-10"].steps == 10 and jobs["ddim-10"].policy.sampler.num_inference_steps == 10
+    assert jobs["paraddim-6"].twin == "ddim-6" and jobs["ddim-6"].steps == 6
+    with pytest.raises(ValueError, match="positive number of steps"):
+        build_jobs(tiny_cfg(samplers=["ddim@zero"]), tiny_policy(), [])

@@ -221,11 +221,19 @@ def build_jobs(cfg: DictConfig, policy, notes: list, modes: tuple = ("off",), fa
         notes.append(f"{phase}: added {job.twin} ({job.steps} steps) as the sequential twin of {job.label}")
 
     requested = []
-    for label, name in expand_sampler_names([str(n) for n in cfg.samplers], notes):
-        steps, options = sampler_settings(label, name, cfg, default, notes)
-        own = config_steps(label, name, default)
-        requested.append(add("samplers", Job(step_label(label, steps, own), name, steps, options, default_steps=own,
-                                             requested=label)))
+    for entry in [str(n) for n in cfg.samplers]:
+        # "ddim@10": that sampler at 10 steps (label ddim-10), as the eval's baseline=[ddim@10] runs it
+        base, at, steps_text = entry.partition("@")
+        if at and not (steps_text.isdigit() and int(steps_text) >= 1):
+            raise ValueError(f"samplers: {entry!r} must be <name>@<positive number of steps>")
+        for label, name in expand_sampler_names([base], notes):
+            steps, options = sampler_settings(label, name, cfg, default, notes)
+            steps = int(steps_text) if at else steps
+            if any((job.name, job.steps, job.options) == (name, steps, options) for job in requested):
+                continue  # listed twice
+            own = config_steps(label, name, default)
+            requested.append(add("samplers", Job(step_label(label, steps, own), name, steps, options,
+                                                 default_steps=own, requested=label)))
     for job in requested:
         add_twin("samplers", job)
 
