@@ -63,10 +63,7 @@ def run_eval(cfg: DictConfig, out_dir: Path) -> dict:
     name, steps, options = sampler_kwargs(cfg.sampler)
     policy = load_policy(str(checkpoint), sampler=name, device=str(device), num_inference_steps=steps,
                          fast_path=cfg.get("fast_path", "auto"), **options)  # baselines share it (one per network)
-    obs_dim = _task_obs_dim(cfg.env.name)
-    if policy.config.obs_dim != obs_dim:
-        raise ValueError(f"checkpoint {checkpoint} expects obs_dim={policy.config.obs_dim}, env "
-                         f"{cfg.env.name!r} gives {obs_dim}: wrong checkpoint for this env?")
+    check_policy_fits_task(policy.config, cfg.env.name, checkpoint)
 
     runs = build_runs(policy, specs)  # labels and schedule lengths: plan_runs
     fast_path_warmup = {lbl: warm_up(p, int(cfg.n_envs)) for lbl, p in runs.items()}  # before any timed call
@@ -187,6 +184,21 @@ def run_server_eval(cfg: DictConfig, out_dir: Path) -> dict:
           f"at p50); mean batch {run['batch_mean']:.2f}")
     print(f"results: {out_dir}")
     return summary
+
+
+def check_policy_fits_task(config, task_name: str, checkpoint) -> None:
+    """ValueError unless the task gives what the policy reads: its low-dim vector (``obs_dim``; the
+    proprioception of an image task) and a ``<camera>_image`` for each of its ``image_keys``."""
+    from parapolicy.envs.robosuite_env import get_task
+
+    task = get_task(task_name)
+    if config.obs_dim != task.obs_dim:
+        raise ValueError(f"checkpoint {checkpoint} expects obs_dim={config.obs_dim}, env {task_name!r} gives "
+                         f"{task.obs_dim}: wrong checkpoint for this env?")
+    missing = sorted(set(getattr(config, "image_keys", None) or ()) - {f"{cam}_image" for cam in task.cameras})
+    if missing:
+        raise ValueError(f"checkpoint {checkpoint} reads the images {missing}, env {task_name!r} has the cameras "
+                         f"{list(task.cameras) or 'none'}: an image policy needs its image task (e.g. env=lift_image)")
 
 
 def _task_obs_dim(task: str) -> int:
