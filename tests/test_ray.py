@@ -166,3 +166,24 @@ def test_sweep_launcher_runs_two_jobs_on_the_cluster(ray_address, tmp_path):
     steps = sorted(run["steps"] for s in summaries for run in s["runs"].values())
     assert steps == [5, 10]
     assert all(s["executor"]["kind"] == "local" for s in summaries)  # each job ran its episodes itself
+
+
+def test_ray_runs_real_time_execution_like_the_local_executor(ray_address, tmp_path):
+    """timing=async with a fixed latency on Ray workers: the same episodes as in this process (delays,
+    stalls and task time included), since latency is simulated, not measured, there."""
+    realtime = ["timing=async", "latency=150", "transition=forecast", "baseline=null"]
+    local, remote = tmp_path / "local", tmp_path / "ray"
+    proc = run_eval(*EVAL, *realtime, f"hydra.run.dir={local}")
+    finish(run_eval(*EVAL, *realtime, "executor=ray", f"ray.address={ray_address}", "ray.num_workers=1",
+                    f"hydra.run.dir={remote}"))
+    finish(proc)
+    on_ray, here = read_log(remote / "episodes.jsonl"), read_log(local / "episodes.jsonl")
+    assert sorted(on_ray) == sorted(here) and len(here) == 2
+    for key, ep in on_ray.items():
+        assert_same_episode(ep, here[key])
+        assert [c["delay_steps"] for c in ep["calls"]] == [c["delay_steps"] for c in here[key]["calls"]]
+        assert all(c["delay_steps"] == 3 for c in ep["calls"][1:])
+        assert ep["stall_steps"] == here[key]["stall_steps"] and ep["task_time_s"] == here[key]["task_time_s"]
+    summary = json.loads((remote / "summary.json").read_text())
+    run = next(iter(summary["runs"].values()))
+    assert run["timing"] == "async" and run["transition"] == "forecast" and run["delay_steps"] == 3.0
