@@ -47,12 +47,12 @@ def row_of(obs, i: int):
     return obs[i]
 
 
-def policy_inputs(cfg, histories, lead: int = 0) -> tuple[torch.Tensor, dict]:
+def policy_inputs(cfg, histories, lead: int = 0, bounds=None) -> tuple[torch.Tensor, dict]:
     """``(obs_history [B, n_obs_steps, obs_dim], images {key: [B, n_obs_steps, 3, H, W]})`` from one
     observation window per env (flat vectors, or dicts with camera frames and the policy's ``obs_keys``).
 
-    ``lead`` > 0 (transition ``forecast``): the low-dim window extrapolated that many steps; camera frames
-    are the latest ones (pixels are not extrapolated).
+    ``lead`` > 0 (transition ``forecast``): the low-dim window extrapolated that many steps, within
+    ``bounds`` (low, high) if given; camera frames are the latest ones (pixels are not extrapolated).
     """
     from parapolicy.realtime.transitions import forecast_history
 
@@ -68,7 +68,7 @@ def policy_inputs(cfg, histories, lead: int = 0) -> tuple[torch.Tensor, dict]:
                 images[key].append(np.stack([o[key] for o in steps]))
         else:
             rows = steps
-        flat.append(forecast_history(np.stack(rows).astype(np.float32), lead))
+        flat.append(forecast_history(np.stack(rows).astype(np.float32), lead, *(bounds or (None, None))))
     return (torch.from_numpy(np.stack(flat)),
             {key: torch.from_numpy(np.stack(frames)) for key, frames in images.items()})
 
@@ -156,6 +156,8 @@ class PolicyRunner:
         from parapolicy.realtime.transitions import forecast_history, pick_candidate, prefix_for
 
         n = len(seeds)
+        normalizer = getattr(getattr(self.policy, "normalizer", None), "obs", None)  # forecasts stay in its range
+        obs_bounds = None if normalizer is None else (normalizer.min.cpu().numpy(), normalizer.max.cpu().numpy())
         if not 1 <= n <= self.n_envs:
             raise ValueError(f"need 1..{self.n_envs} seeds, got {n}")
         cfg = self.policy.config
@@ -259,7 +261,7 @@ class PolicyRunner:
                 d_plan = delay_steps(max(state["recent_ms"]), self.control_period_s) if state["recent_ms"] else 0
             known = {i: known_actions(i, t, d_plan) for i in idx} if realtime and not first else {}
             lead = d_plan if transition.forecast and self.timing == "async" else 0  # planned for t + lead
-            obs_history, images = policy_inputs(cfg, [history[i] for i in idx], lead)
+            obs_history, images = policy_inputs(cfg, [history[i] for i in idx], lead, obs_bounds)
             if m > 1:
                 obs_history = obs_history.repeat_interleave(m, dim=0)
                 images = {k: v.repeat_interleave(m, dim=0) for k, v in images.items()}

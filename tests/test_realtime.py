@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from parapolicy.realtime.latency import LatencyModel, delay_steps, read_profile
-from parapolicy.realtime.transitions import Transition, pick_candidate, prefix_for, rtc_weights
+from parapolicy.realtime.transitions import Transition, forecast_history, pick_candidate, prefix_for, rtc_weights
 from parapolicy.runner import PolicyRunner
 from parapolicy.samplers import make_sampler
 from parapolicy.samplers.constraints import PrefixConstraint
@@ -541,3 +541,14 @@ def test_image_policies_run_closed_loop_under_real_time_execution(timing, transi
     assert tuple(images["agentview_image"].shape[1:]) == (2, 3, 84, 84)
     expected_t = 4.0 + (2 if transition == "forecast" else 0)  # second plan at step 4 (n_action_steps 4)
     np.testing.assert_allclose(history[0, -1, :3].numpy(), [0.1 * expected_t] * 3, atol=1e-5)
+
+
+def test_forecast_stays_within_the_range_the_policy_was_trained_on():
+    history = np.array([[0.0, 0.5, 2.0], [1.0, 0.2, 2.0]], dtype=np.float32)  # dim 1 closes fast, dim 2 rests
+    free = forecast_history(history, 4)
+    np.testing.assert_allclose(free[-1], [5.0, -1.0, 2.0], atol=1e-6)
+    bounded = forecast_history(history, 4, low=np.array([-10, 0.1, 0]), high=np.array([3, 1, 5]))
+    np.testing.assert_allclose(bounded[-1], [3.0, 0.1, 2.0], atol=1e-6)  # clipped at the trained range
+    np.testing.assert_allclose(forecast_history(history, 0), history)
+    outside = forecast_history(history, 1, low=np.array([5, 5, 5]), high=np.array([6, 6, 6]))
+    assert outside[0, 0] >= 0.0  # what was observed stays allowed, even outside the trained range

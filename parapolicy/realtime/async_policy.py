@@ -60,6 +60,9 @@ class AsyncPolicy:
         self.control_hz = float(control_hz)
         self.transition = Transition.parse(transition)
         self._remote = not hasattr(policy, "predict_action")
+        normalizer = getattr(getattr(policy, "normalizer", None), "obs", None)  # forecasts stay in its range
+        self._obs_bounds = (None, None) if normalizer is None else (normalizer.min.cpu().numpy(),
+                                                                   normalizer.max.cpu().numpy())
         meta = policy.metadata if self._remote else None
         cfg = None if self._remote else policy.config
         self.horizon = int(meta["horizon"]) if self._remote else cfg.horizon
@@ -188,7 +191,7 @@ class AsyncPolicy:
         self._last_request = step
         # forecast: plan for the moment the chunk is expected to take over (its position `start` is then)
         lead = delay if self.transition.forecast and self._chunk is not None else 0
-        history = forecast_history(np.stack(self._history), lead)
+        history = forecast_history(np.stack(self._history), lead, *self._obs_bounds)
         # a server keeps the last n_obs_steps observations it was sent: sending the whole window makes its
         # history exactly this one (forecast or not)
         return {"step": step + lead, "history": history, "known": known, "committed": self.start + delay,

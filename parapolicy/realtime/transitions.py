@@ -115,11 +115,15 @@ def pick_candidate(candidates: np.ndarray, known: np.ndarray, committed: int) ->
     return int(np.argmin(distance))
 
 
-def forecast_history(history: np.ndarray, steps: int) -> np.ndarray:
+def forecast_history(history: np.ndarray, steps: int, low=None, high=None) -> np.ndarray:
     """``[n_obs, obs_dim]`` observations (oldest first) -> the same window ``steps`` control steps later,
     extrapolated at the velocity of the last two observations (unchanged if ``steps`` is 0 or there is
-    one observation)."""
+    one observation). ``low``/``high`` ``[obs_dim]`` (the policy's normaliser range: what it was trained
+    on) bound the forecast, so a closing gripper is not extrapolated past where fingers stop."""
     if steps <= 0 or len(history) < 2:
         return history
     velocity = history[-1] - history[-2]
-    return history + steps * velocity[None]
+    forecast = history + steps * velocity[None]
+    if low is not None and high is not None:
+        forecast = np.clip(forecast, np.minimum(low, history.min(0)), np.maximum(high, history.max(0)))
+    return forecast.astype(history.dtype)
