@@ -1,4 +1,5 @@
-"""Import a Diffusion Policy (real-stanford/diffusion_policy) low-dim U-Net workspace checkpoint.
+"""Import a Diffusion Policy (real-stanford/diffusion_policy) low-dim U-Net workspace checkpoint
+(its hybrid image policy: ``parapolicy.importers.dp_image``).
 
 DP's ``BaseWorkspace.save_checkpoint`` writes ``torch.save(payload, pickle_module=dill)`` with
 ``payload = {"cfg": <OmegaConf DictConfig>, "state_dicts": {"model", "ema_model", "optimizer"},
@@ -258,26 +259,7 @@ def build_config(ckpt: DPCheckpoint, weights: Mapping[str, torch.Tensor]) -> tup
     if not isinstance(oa, bool):
         raise ValueError(f"{what}: policy.oa_step_convention={oa!r} is not true / false")
 
-    sched = get("policy.noise_scheduler")
-    if not isinstance(sched, dict):
-        raise ValueError(f"{what}: policy.noise_scheduler not found in the config")
-    target = str(sched.get("_target_", "DDPMScheduler")).rsplit(".", 1)[-1]
-    scheduler = {k: v for k, v in sched.items() if k != "_target_"}
-    unresolved = [k for k, v in scheduler.items() if isinstance(v, str) and "${" in v]
-    if unresolved:
-        raise ValueError(f"{what}: noise_scheduler values {unresolved} are interpolations; they are not evaluated")
-    steps = get("policy.num_inference_steps")
-    if steps is None:
-        steps = scheduler.get("num_train_timesteps", 1000)
-    steps = _int(steps, "policy.num_inference_steps", what)
-    if target in _DDPM_TARGETS:
-        sampler = "ddpm"
-    elif target in _DDIM_TARGETS:
-        if scheduler.pop("set_alpha_to_one", True) is not True or scheduler.get("steps_offset", 0) != 0:
-            raise UnsupportedCheckpointError(f"{what}: DDIM with set_alpha_to_one=False or steps_offset != 0 is not supported")
-        sampler = "ddim"
-    else:
-        raise UnsupportedCheckpointError(f"{what}: noise scheduler {target} is not supported (DDPMScheduler, DDIMScheduler)")
+    sampler, steps, scheduler = read_scheduler(ckpt, what)
     extra = sorted(set(get("policy", {})) - _KNOWN_POLICY_KEYS)
     if extra:  # DP passes unknown policy keys to scheduler.step(**kwargs): we cannot honour them
         raise UnsupportedCheckpointError(f"{what}: policy options {extra} (passed to scheduler.step) are not supported")
@@ -307,6 +289,32 @@ def build_config(ckpt: DPCheckpoint, weights: Mapping[str, torch.Tensor]) -> tup
         num_inference_steps=steps,
     )
     return config, scheduler
+
+
+def read_scheduler(ckpt: DPCheckpoint, what: str) -> tuple[str, int, dict[str, Any]]:
+    """``policy.noise_scheduler`` -> (our sampler name, inference steps, diffusers scheduler config)."""
+    get = ckpt.get
+    sched = get("policy.noise_scheduler")
+    if not isinstance(sched, dict):
+        raise ValueError(f"{what}: policy.noise_scheduler not found in the config")
+    target = str(sched.get("_target_", "DDPMScheduler")).rsplit(".", 1)[-1]
+    scheduler = {k: v for k, v in sched.items() if k != "_target_"}
+    unresolved = [k for k, v in scheduler.items() if isinstance(v, str) and "${" in v]
+    if unresolved:
+        raise ValueError(f"{what}: noise_scheduler values {unresolved} are interpolations; they are not evaluated")
+    steps = get("policy.num_inference_steps")
+    if steps is None:
+        steps = scheduler.get("num_train_timesteps", 1000)
+    steps = _int(steps, "policy.num_inference_steps", what)
+    if target in _DDPM_TARGETS:
+        sampler = "ddpm"
+    elif target in _DDIM_TARGETS:
+        if scheduler.pop("set_alpha_to_one", True) is not True or scheduler.get("steps_offset", 0) != 0:
+            raise UnsupportedCheckpointError(f"{what}: DDIM with set_alpha_to_one=False or steps_offset != 0 is not supported")
+        sampler = "ddim"
+    else:
+        raise UnsupportedCheckpointError(f"{what}: noise scheduler {target} is not supported (DDPMScheduler, DDIMScheduler)")
+    return sampler, steps, scheduler
 
 
 _KNOWN_POLICY_KEYS = {
@@ -362,6 +370,10 @@ def convert_dp_checkpoint(
     bad = [k for k, v in sd.items() if not torch.is_tensor(v)]
     if bad:
         raise ValueError(f"{what}: state_dicts[{key!r}] entries {bad[:5]} are not tensors")
+    from parapolicy.importers.dp_image import convert_dp_image_checkpoint, is_image_policy
+
+    if is_image_policy(ckpt, sd):  # cameras: robomimic's encoder + the U-Net (parapolicy.importers.dp_image)
+        return convert_dp_image_checkpoint(ckpt, sd, key, source, out)
     check_supported(ckpt, sd)
     config, scheduler = build_config(ckpt, sd)
 

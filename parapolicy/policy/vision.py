@@ -283,12 +283,15 @@ class ImageObsEncoder(nn.Module):
     ``forward(images, low_dim)``: ``images`` maps each of ``image_keys`` to float ``[N, 3, H, W]`` in
     [-1, 1] (resized to ``resize_shape`` first, if given: a cheaper policy sees fewer pixels); ``low_dim`` is the normalised low-dim vector ``[N, low_dim]``. Returns ``[N, output_dim]``:
     the cameras' features in ``image_keys`` order, then ``low_dim``. N = batch * observation steps.
-    Crops are random in ``train()``, centred in ``eval()``.
+    Crops are random in ``train()``, centred in ``eval()``. ``feature_activation="relu"``: each camera's
+    feature goes through a ReLU (robomimic's ObservationEncoder default, so Diffusion Policy's hybrid
+    image policy too).
     """
 
     def __init__(self, image_keys: Sequence[str], image_shape: Sequence[int], low_dim: int, backbone: str = "conv",
                  crop_shape: Sequence[int] | None = (76, 76), num_kp: int = 32, feature_dim: int = 64,
-                 backbone_kwargs: Mapping | None = None, resize_shape: Sequence[int] | None = None):
+                 backbone_kwargs: Mapping | None = None, resize_shape: Sequence[int] | None = None,
+                 feature_activation: str | None = None):
         super().__init__()
         self.image_keys = list(image_keys)
         self.image_shape = [int(v) for v in image_shape]
@@ -306,6 +309,9 @@ class ImageObsEncoder(nn.Module):
             self.obs_nets[key] = VisualCore(shape, make_backbone(backbone, **dict(backbone_kwargs or {})),
                                             num_kp=num_kp, feature_dim=feature_dim)
         self.output_dim = sum(net.feature_dim for net in self.obs_nets.values()) + self.low_dim
+        if feature_activation not in (None, "relu"):
+            raise ValueError(f"feature_activation must be null or 'relu', got {feature_activation!r}")
+        self.feature_activation = feature_activation  # robomimic's ObservationEncoder applies a ReLU
 
     def forward(self, images: Mapping[str, torch.Tensor], low_dim: torch.Tensor | None = None) -> torch.Tensor:
         features = []
@@ -315,7 +321,8 @@ class ImageObsEncoder(nn.Module):
                 x = F.interpolate(x, size=self.resize_shape, mode="bilinear", align_corners=False, antialias=True)
             if key in self.crops:
                 x = self.crops[key](x)
-            features.append(self.obs_nets[key](x))
+            feature = self.obs_nets[key](x)
+            features.append(F.relu(feature) if self.feature_activation == "relu" else feature)
         if self.low_dim:
             features.append(low_dim)
         return torch.cat(features, dim=-1)
