@@ -594,7 +594,12 @@ def warm_up(policy: Any, batch_size: int = 1) -> dict:
     norm = policy.normalizer.obs
     mid = ((norm.min + norm.max) / 2).to(policy.device)  # any valid observation: only shapes matter
     obs = mid.expand(int(batch_size), cfg.n_obs_steps, cfg.obs_dim)
-    global_cond = norm.normalize(obs).flatten(1)
+    if getattr(cfg, "image_keys", None):  # image policies: the conditioning is the encoder's output
+        frames = {key: torch.zeros((int(batch_size), cfg.n_obs_steps, *cfg.image_shape), dtype=torch.uint8,
+                                   device=policy.device) for key in cfg.image_keys}
+        global_cond = policy.global_condition(obs, frames)
+    else:
+        global_cond = norm.normalize(obs).flatten(1)
     before = sum(fast.stats.warmup_s.values())
     backends = fast.prepare(policy.model, global_cond, (cfg.horizon, cfg.action_dim), policy.sampler)
     return {"backends": backends, "warmup_s": sum(fast.stats.warmup_s.values()) - before}

@@ -242,10 +242,10 @@ class Check:
         self.log.write(text + "\n")
         self.log.flush()
 
-    def run(self, part: str, command: list[str], timeout_s: float) -> tuple[str, str]:
+    def run(self, part: str, command: list[str], timeout_s: float, shown: str | None = None) -> tuple[str, str]:
         """Run one part in its own process group; on timeout kill the group. Returns (status, output)."""
         timeout_s = max(1.0, min(timeout_s, self.remaining()))
-        shown = " ".join(shlex.quote(c) for c in command)
+        shown = shown or " ".join(shlex.quote(c) for c in command)
         self.say(f"\n=== {part} (timeout {timeout_s:.0f} s): {shown}")
         start = time.monotonic()
         proc = subprocess.Popen(command, cwd=self.work, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -304,7 +304,8 @@ class Check:
                  "    'gpu_memory_gib': round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if cuda else None,\n"
                  "    'parapolicy': parapolicy.__file__}))\n"
                  "sys.exit(1 if missing else 0)\n")
-        status, output = self.run("imports", [sys.executable, "-c", probe], 90)
+        status, output = self.run("imports", [sys.executable, "-c", probe], 90,
+                                  shown=f"{sys.executable} -c <import {', '.join(GPU_IMAGE_PROVIDES + CARRIED)}, parapolicy>")
         line = next((ln for ln in output.splitlines() if ln.startswith("PROBE ")), None)
         info = json.loads(line[len("PROBE "):]) if line else {}
         if status == "passed" and self.args.device == "cuda" and not info.get("cuda_available"):

@@ -240,7 +240,7 @@ def test_built_network_takes_its_own_dims_and_the_checkpoints_schedule():
     width keeps the checkpoint's normaliser; both keep horizon, scheduler and sampler."""
     import torch
 
-    from parapolicy.bench.networks import NetworkSpec, build_network, network_names
+    from parapolicy.bench.networks import NetworkSpec, build_network, network_names, random_images
 
     policy = tiny_policy()
     policy.normalizer.obs.set_stats(torch.full((23,), -3.0), torch.full((23,), 5.0))
@@ -253,6 +253,15 @@ def test_built_network_takes_its_own_dims_and_the_checkpoints_schedule():
     same = build_network("dp_lowdim", policy, spec=NetworkSpec((16, 32), 16))
     assert same.normalizer.obs.min.tolist() == [-3.0] * 23 and same.config.obs_keys == policy.config.obs_keys
     assert build_network("checkpoint", policy) is policy
+    cams = NetworkSpec((16, 32), 16, action_dim=10, obs_dim=9, image_keys=("agentview_image",), image_shape=(3, 24, 24),
+                       vision={"backbone": "conv", "crop_shape": [20, 20], "num_kp": 8, "feature_dim": 16})
+    seeing = build_network("dp_image", policy, spec=cams)
+    assert seeing.config.global_cond_dim == 2 * (16 + 9) and seeing.obs_encoder is not None
+    frames = random_images(seeing, 3)
+    assert frames["agentview_image"].shape == (3, 2, 3, 24, 24) and frames["agentview_image"].dtype == torch.uint8
+    out = seeing.predict_action(torch.zeros(3, 2, 9), images=frames, generator=torch.Generator().manual_seed(0))
+    assert out["action_pred"].shape == (3, 16, 10) and out["encode_ms"] > 0
+    assert random_images(policy, 3) is None
     assert network_names(["dp_image", "checkpoint", "dp_image"]) == ["dp_image", "checkpoint"]
     with pytest.raises(ValueError, match="unknown network"):
         network_names("dp_huge")

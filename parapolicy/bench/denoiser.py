@@ -31,10 +31,11 @@ def denoiser_networks(cfg: DictConfig, policy, benched: Optional[tuple[str, Any]
 
 
 def time_denoiser(cfg: DictConfig, networks: list, obs_pool, device, fast_options: Optional[dict], notes: list,
-                  bar=None, modes: tuple = ("off",)) -> list[dict]:
+                  bar=None, modes: tuple = ("off",), pools: Optional[dict] = None) -> list[dict]:
     """Bare ``denoise`` calls: K stacked timesteps x batch observation histories, per network
     (``denoiser_networks``) and fast-path mode, round-robin over K and modes (one bucket per K on
-    the fast path, warmed up before timing)."""
+    the fast path, warmed up before timing). ``pools``: ``{network name: (obs_pool, images)}`` for
+    networks whose observations differ from ``obs_pool`` (other dims, cameras)."""
     import torch
 
     from parapolicy.accel import FastPath
@@ -55,8 +56,10 @@ def time_denoiser(cfg: DictConfig, networks: list, obs_pool, device, fast_option
                              f"skipped (more than max_rows={dcfg.max_rows} rows)")
             if not ok:
                 continue
-            index = [i % obs_pool.shape[0] for i in range(batch)]
-            cond = net.normalizer.obs.normalize(obs_pool[index].to(device)).flatten(1)
+            obs, images = (pools or {}).get(net_name, (obs_pool, None))
+            index = [i % obs.shape[0] for i in range(batch)]
+            frames = None if images is None else {k: v[index].to(device) for k, v in images.items()}
+            cond = net.global_condition(obs[index].to(device), frames)  # the encoder, for image policies
             plain = net.make_denoise_fn(cond)
             denoisers = {}
             for mode in modes:

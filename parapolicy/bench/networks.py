@@ -12,12 +12,13 @@ deviations of these rows as those of an untrained network.
   diffusion_step_embed_dim 256, kernel 5, 8 groups, with the checkpoint's obs and action dims
   (Square: 23-dim obs x 2 steps, 7-dim actions: 65,878,279 parameters) and its normaliser, so the
   checkpoint's observations feed it.
-- ``dp_image``: the U-Net of DP's hybrid image policy (``diffusion_unet_hybrid_image``, Square):
-  down_dims 512/1024/2048, diffusion_step_embed_dim 128, conditioned per observation step on
-  2 cameras x 64 robomimic encoder features + 9 low-dim features (eef pos 3, quat 4, gripper 2),
-  10-dim absolute actions: 255,612,042 parameters. Its conditioning here is that 137-dim feature
-  vector drawn at random (identity normaliser); the image encoder that would produce it is not part
-  of this network, so its share of a call is not in these rows.
+- ``dp_image``: DP's hybrid image policy (``diffusion_unet_hybrid_image``, Square): the U-Net has
+  down_dims 512/1024/2048, diffusion_step_embed_dim 128, 10-dim absolute actions and, per observation
+  step, 137 conditioning features: robomimic's encoder (``parapolicy.policy.vision``: ResNet-18 trunk
+  with GroupNorm, SpatialSoftmax with 32 keypoints, Linear to 64) on two 84x84 cameras (agentview,
+  eye in hand) centre-cropped to 76x76, then 9 low-dim features (eef pos 3, quat 4, gripper 2):
+  255,612,042 U-Net parameters plus the encoder's. The bench feeds it random uint8 frames; rows carry
+  ``encode_ms`` (the encoder, once per call) beside the call's latency.
 """
 
 from __future__ import annotations
@@ -37,8 +38,11 @@ class NetworkSpec:
     kernel_size: int = 5
     n_groups: int = 8
     action_dim: Optional[int] = None
-    obs_dim: Optional[int] = None  # conditioning features per observation step
-    num_parameters: Optional[int] = None  # with the stated dims, checked by the tests
+    obs_dim: Optional[int] = None  # low-dim features per observation step
+    image_keys: tuple[str, ...] = ()  # cameras (robosuite names), each uint8 image_shape
+    image_shape: tuple[int, int, int] = (3, 84, 84)
+    vision: Optional[dict] = None  # ImageObsEncoder arguments (parapolicy.policy.vision)
+    num_parameters: Optional[int] = None  # of the U-Net, with the stated dims, checked by the tests
     description: str = ""
 
 
@@ -47,10 +51,13 @@ DP_NETWORKS = {
         down_dims=(256, 512, 1024), diffusion_step_embed_dim=256, num_parameters=65_878_279,
         description="Diffusion Policy's low-dim U-Net (256/512/1024, step embedding 256), random weights"),
     "dp_image": NetworkSpec(
-        down_dims=(512, 1024, 2048), diffusion_step_embed_dim=128, action_dim=10, obs_dim=2 * 64 + 9,
+        down_dims=(512, 1024, 2048), diffusion_step_embed_dim=128, action_dim=10, obs_dim=9,
+        image_keys=("agentview_image", "robot0_eye_in_hand_image"),
+        vision={"backbone": "resnet18", "crop_shape": [76, 76], "num_kp": 32, "feature_dim": 64},
         num_parameters=255_612_042,
-        description="Diffusion Policy's hybrid-image U-Net (512/1024/2048, step embedding 128, 10-dim actions, "
-                    "2 cameras x 64 + 9 low-dim conditioning features per step), random weights, no encoder"),
+        description="Diffusion Policy's hybrid image policy: U-Net 512/1024/2048, step embedding 128, 10-dim "
+                    "actions, conditioned on robomimic's ResNet-18/GroupNorm + SpatialSoftmax encoder of two "
+                    "84x84 cameras (64 features each) + 9 low-dim features per step; random weights"),
 }
 NETWORKS = (CHECKPOINT, *DP_NETWORKS)
 
@@ -81,6 +88,9 @@ def network_config(spec: NetworkSpec, base):
         "action_dim": spec.action_dim or base.action_dim,
         "obs_dim": obs_dim,
         "obs_keys": base.obs_keys if obs_dim == base.obs_dim else [],  # features, not robosuite keys
+        "image_keys": list(spec.image_keys),
+        "image_shape": list(spec.image_shape),
+        "vision": dict(spec.vision or {}),
     })
 
 
@@ -109,4 +119,23 @@ def build_network(name: str, policy, seed: int = 0, spec: Optional[NetworkSpec] 
 
 
 def num_parameters(policy) -> int:
+    """The U-Net's parameters (the denoiser every sampler step runs)."""
     return sum(p.numel() for p in policy.model.parameters())
+
+
+def encoder_parameters(policy) -> int:
+    """The observation encoder's parameters (image policies; 0 without one)."""
+    encoder = getattr(policy, "obs_encoder", None)
+    return 0 if encoder is None else sum(p.numel() for p in encoder.parameters())
+
+
+def random_images(policy, n: int, seed: int = 0) -> Optional[dict]:
+    """``{camera: uint8 [n, n_obs_steps, 3, H, W]}`` drawn at random for an image policy, else None."""
+    import torch
+
+    cfg = policy.config
+    if not cfg.image_keys:
+        return None
+    gen = torch.Generator().manual_seed(int(seed))
+    return {key: torch.randint(0, 256, (n, cfg.n_obs_steps, *cfg.image_shape), generator=gen, dtype=torch.uint8)
+            for key in cfg.image_keys}

@@ -14,7 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from parapolicy.bench.denoiser import add_predictions, denoiser_networks, time_denoiser
 from parapolicy.bench.jobs import build_jobs, fast_modes
-from parapolicy.bench.networks import CHECKPOINT, DP_NETWORKS, build_network, network_names, num_parameters
+from parapolicy.bench.networks import (CHECKPOINT, DP_NETWORKS, build_network, encoder_parameters, network_names,
+                                       num_parameters, random_images)
 from parapolicy.bench.observations import load_observations
 from parapolicy.bench.plots import make_plots
 from parapolicy.bench.report import format_denoiser_table, format_headline, format_table
@@ -72,8 +73,18 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict:
                      f"checkpoint's {checkpoint_policy.config.obs_dim}: random observations")
     obs_pool, obs_source = load_observations(cfg, policy, notes, source)
     obs_pool = obs_pool.to(device)
+    images = random_images(policy, obs_pool.shape[0], int(cfg.seed))  # image policies: random uint8 frames
+    if images is not None:
+        images = {key: value.to(device) for key, value in images.items()}
+        notes.append(f"network {network}: random uint8 frames for {', '.join(policy.config.image_keys)}")
     phases = build_jobs(cfg, policy, notes, modes, fast_policy)
     networks = denoiser_networks(cfg, checkpoint_policy, (network, policy)) if cfg.denoiser.k else []
+    pools = {network: (obs_pool, images)}
+    for name, net in networks:  # other networks of the curve with other inputs: random ones
+        if name not in pools and (net.config.obs_dim != obs_pool.shape[-1] or net.config.image_keys):
+            gen = torch.Generator().manual_seed(int(cfg.seed))
+            obs = torch.rand((obs_pool.shape[0], net.config.n_obs_steps, net.config.obs_dim), generator=gen) * 2 - 1
+            pools[name] = (obs.to(device), random_images(net, obs_pool.shape[0], int(cfg.seed)))
 
     with torch.inference_mode():
         n_calls = len(phases["samplers"]) * len(batch_sizes) * int(cfg.repetitions) \
@@ -84,16 +95,17 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict:
             if phases["samplers"]:
                 for batch in batch_sizes:
                     bar.set_postfix(phase="samplers", batch=batch)
-                    records = time_phase(phases["samplers"], obs_pool, batch, cfg, device, bar)
+                    records = time_phase(phases["samplers"], obs_pool, batch, cfg, device, bar, images)
                     result["samplers"] += summarize_phase("samplers", phases["samplers"], batch, records)
             if phases["windows"]:
                 bar.set_postfix(phase="windows", batch=1)
-                records = time_phase(phases["windows"], obs_pool, 1, cfg, device, bar)
+                records = time_phase(phases["windows"], obs_pool, 1, cfg, device, bar, images)
                 result["windows"] += summarize_phase("windows", phases["windows"], 1, records)
         finally:
             bar.close()
         if networks:
-            result["denoiser"] = time_denoiser(cfg, networks, obs_pool, device, fast_options, notes, modes=modes)
+            result["denoiser"] = time_denoiser(cfg, networks, obs_pool, device, fast_options, notes, modes=modes,
+                                               pools=pools)
     add_predictions(result, network)
     result["headline"] = headline(result["samplers"]) + headline(result["windows"])
 
@@ -107,7 +119,9 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict:
         "device_name": device_name(device),
         "torch_threads": torch.get_num_threads(),
         "checkpoint": str(checkpoint),
-        "network": {"name": network, "num_parameters": num_parameters(policy), "down_dims": list(policy.config.down_dims),
+        "network": {"name": network, "num_parameters": num_parameters(policy),
+                    "encoder_parameters": encoder_parameters(policy), "image_keys": list(policy.config.image_keys),
+                    "down_dims": list(policy.config.down_dims),
                     "diffusion_step_embed_dim": policy.config.diffusion_step_embed_dim,
                     "obs_dim": policy.config.obs_dim, "action_dim": policy.config.action_dim,
                     "random_weights": network != CHECKPOINT,
@@ -146,6 +160,10 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict:
         print("\nsamplers (speedup: vs the twin in the same mode; vs best: vs the twin's fastest mode; model: "
               "rounds x per-call ms from the denoiser curve):")
         print(format_table(result["samplers"]))
+    encoded = [r for r in result["samplers"] if r.get("encode_ms_p50") is not None]
+    if encoded:
+        print("\nimage encoder, once per call (p50 ms of the call's p50): " + ", ".join(
+            f"{r['label']} b{r['batch']}: {r['encode_ms_p50']:.1f} of {r['latency_ms']['p50']:.1f}" for r in encoded))
     if result["windows"]:
         print("\nwindow sweep (batch 1):")
         print(format_table(result["windows"]))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 from omegaconf import DictConfig
@@ -33,6 +34,7 @@ class Record:
     converged: list = field(default_factory=list)
     deviation: list = field(default_factory=list)
     deviation_eager: list = field(default_factory=list)
+    encode_ms: list = field(default_factory=list)  # image policies: the observation encoder's share
 
 
 def _fast_path_of(job: Job):
@@ -52,9 +54,11 @@ def warm_up_jobs(jobs: list[Job], batch: int) -> None:
             job.warmup_s += warm_up(job.policy, batch).get("warmup_s", 0.0)
 
 
-def time_phase(jobs: list[Job], obs_pool, batch: int, cfg: DictConfig, device, bar=None) -> dict[str, Record]:
+def time_phase(jobs: list[Job], obs_pool, batch: int, cfg: DictConfig, device, bar=None,
+               images: Optional[dict] = None) -> dict[str, Record]:
     """Warm-up, then ``repetitions`` rounds; each round calls every job once, starting one job later
-    than the previous round. Call r gets observations r*batch.. and noise seed + r for every job."""
+    than the previous round. Call r gets observations r*batch.. (and those rows of ``images``, for an
+    image policy: {camera: uint8 ``[n_obs, n_obs_steps, 3, H, W]``}) and noise seed + r for every job."""
     import torch
 
     records = {job.label: Record() for job in jobs}
@@ -65,10 +69,11 @@ def time_phase(jobs: list[Job], obs_pool, batch: int, cfg: DictConfig, device, b
     def call(job: Job, r: int):
         index = [(r * batch + i) % n_obs for i in range(batch)]
         obs = obs_pool[index]
+        frames = None if images is None else {key: value[index] for key, value in images.items()}
         gen = torch.Generator(device=device).manual_seed(int(cfg.seed) + r)
         synchronize(device)
         start = time.perf_counter()
-        out = job.policy.predict_action(obs, generator=gen)
+        out = job.policy.predict_action(obs, generator=gen, **({} if frames is None else {"images": frames}))
         synchronize(device)
         return (time.perf_counter() - start) * 1e3, out
 
@@ -91,6 +96,8 @@ def time_phase(jobs: list[Job], obs_pool, batch: int, cfg: DictConfig, device, b
             rec.latency_ms.append(ms)
             rec.rounds.append(_as_float(out["rounds"]))
             rec.model_evals.append(_as_float(out["model_evals"]))
+            if images is not None and out.get("encode_ms") is not None:
+                rec.encode_ms.append(float(out["encode_ms"]))
             converged = out["converged"]
             rec.converged.append(bool(converged.all()) if torch.is_tensor(converged) else bool(converged))
             actions[job.label] = out["action_pred"].float().cpu()
@@ -132,6 +139,7 @@ def summarize_phase(phase: str, jobs: list[Job], batch: int, records: dict[str, 
                "deviation_vs_twin": None, "deviation_vs_eager": None,
                "fast_path_warmup_s": job.warmup_s if job.fast == "on" else None,
                "calls_per_bucket": {str(k): v / n for k, v in sorted(job.bucket_calls.items())} or None,
+               "encode_ms_p50": float(np.median(rec.encode_ms)) if rec.encode_ms else None,
                "latencies_ms": [round(v, 4) for v in rec.latency_ms]}
         if job.twin is not None:
             row["twin_p50_ms"] = p50[job.twin]
