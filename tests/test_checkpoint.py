@@ -103,7 +103,6 @@ def test_load_policy_resolves_names_and_sampler(saved, monkeypatch):
     assert load_policy(str(folder)).config.obs_dim == OBS_DIM
     with pytest.raises(FileNotFoundError, match="available: \\['tiny'\\]"):
         load_policy("absent")
-    pytest.importorskip("parapolicy.samplers")
     fast = load_policy("tiny", sampler="paraddpm", num_inference_steps=8, window=4)
     assert fast.sampler_name == "paraddpm" and fast.num_inference_steps == 8
     assert fast.sampler_options == {"window": 4}
