@@ -153,7 +153,7 @@ class PolicyRunner:
         that took it and the records so far (e.g. to render a frame); never inside a timed policy call.
         """
         from parapolicy.realtime.latency import delay_steps
-        from parapolicy.realtime.transitions import forecast_history, pick_candidate, prefix_for
+        from parapolicy.realtime.transitions import pick_candidate, prefix_for
 
         n = len(seeds)
         normalizer = getattr(getattr(self.policy, "normalizer", None), "obs", None)  # forecasts stay in its range

@@ -11,7 +11,6 @@ import torch
 
 from parapolicy.client import RemotePolicy
 from parapolicy.realtime import AsyncPolicy
-from parapolicy.serving.codec import packb, unpackb
 from parapolicy.serving.server import PolicyServer, ServerThread
 from policy_synthetic import tiny_policy
 

@@ -9,7 +9,7 @@ its sequential twin with the same constraint (float64, tau -> 0).
 from __future__ import annotations
 
 import json
-import math
+import re
 
 import gymnasium as gym
 import numpy as np
@@ -92,7 +92,7 @@ def reference_schedule(steps: int, d: int, s: int = S, hold: bool = False):
     Calls are requested at r_0 = 0 (blocking), then every max(s, d) steps (async: the new chunk takes over
     d steps after its request, from position start + d) or, for hold, d steps of holding then s steps.
     """
-    out, requests, t, call = [], [], 0, 0
+    out, t, call = [], 0, 0
     current = (0, 0)  # (call, request step it counts positions from)
     next_request, landing = s, None
     while t < steps:
@@ -392,8 +392,6 @@ def test_eval_latency_sweep_summary_and_report(tmp_path):
     import subprocess
     import sys
 
-    from test_eval import FAST, LIFT_KEYS  # noqa: F401  (the tiny Lift setup)
-
     common = ["env=lift", "checkpoint=checkpoints/lift", "sampler=ddim", "sampler.num_inference_steps=4",
               "max_episode_steps=20", "progress_bar=false", "torch_threads=1", "n_episodes=1", "baseline=null"]
     sweep = tmp_path / "sweep"
@@ -433,15 +431,16 @@ def test_eval_latency_sweep_summary_and_report(tmp_path):
     ("timing=async transition=teleport", "unknown transition 'teleport'"),
     ("timing=async latency=profile:/nonexistent.json", "latency profile '/nonexistent.json' not found"),
 ])
-def test_bad_realtime_options_fail_before_any_env_starts(override, message, tmp_path):
-    import subprocess
-    import sys
+def test_bad_realtime_options_fail_before_any_env_starts(override, message):
+    """The driver's validate() (what runs before any simulator starts) refuses them, naming the value."""
+    from hydra import compose, initialize_config_module
 
-    proc = subprocess.run([sys.executable, "-m", "parapolicy.eval", "env=lift", "checkpoint=checkpoints/lift",
-                           *override.split(), f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
-    assert message in proc.stderr, proc.stderr[-2000:]
-    assert "Loading controller configuration" not in proc.stderr
+    from parapolicy.evaluation.driver import validate
+
+    with initialize_config_module("parapolicy.conf", version_base=None):
+        cfg = compose("eval", overrides=["env=lift", "checkpoint=checkpoints/lift", *override.split()])
+    with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)):
+        validate(cfg)
 
 
 # ------------------------------------------------------------------ every transition, every sampler family
