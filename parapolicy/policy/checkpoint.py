@@ -161,6 +161,9 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> D
     policy = DiffusionPolicy(policy_config, scheduler_config=scheduler_config)
 
     tensors = load_safetensors(folder / WEIGHTS_FILE, where)
+    # Shipped weights may be stored in half precision (scripts/half_checkpoint.py, to keep what travels
+    # small); the policy always runs on their float32 upcast.
+    tensors = {k: v.float() if v.dtype in (torch.float16, torch.bfloat16) else v for k, v in tensors.items()}
     expected = policy.state_dict()
     missing = sorted(set(expected) - set(tensors))
     if missing:
