@@ -3,9 +3,10 @@
     python -m parapolicy.convert path/to/epoch=0100.ckpt --out checkpoints/dp_square [--weights ema|model]
     python -m parapolicy.eval checkpoint=checkpoints/dp_square env=square
 
-SOURCE is a real-stanford/diffusion_policy workspace checkpoint (``.ckpt``) of the low-dim U-Net policy,
-or a LeRobot state-only diffusion checkpoint folder (``save_pretrained``: config.json, model.safetensors,
-normaliser statistics; see ``parapolicy.importers.lerobot``). A ``.ckpt`` is read without running any
+SOURCE is a real-stanford/diffusion_policy workspace checkpoint (``.ckpt``) of the low-dim U-Net policy
+or of the hybrid image policy (``parapolicy.importers.dp_image``), or a LeRobot state-only diffusion
+checkpoint folder (``save_pretrained``: config.json, model.safetensors, normaliser statistics; see
+``parapolicy.importers.lerobot``). A ``.ckpt`` is read without running any
 code it contains (a restricted unpickler: tensors, plain containers and inert OmegaConf config objects
 only); a file that asks for anything else is refused and nothing is written. See
 ``parapolicy.importers.diffusion_policy`` for what is supported and refused.
@@ -30,8 +31,10 @@ def convert(source: str | Path, out: str | Path, weights: str | None = None, ove
                              f"type 'diffusion' + model.safetensors); a Diffusion Policy checkpoint is a .ckpt file")
         return convert_lerobot_checkpoint(source, out, overwrite=overwrite)
     from parapolicy.importers.diffusion_policy import convert_dp_checkpoint
+    from parapolicy.importers.dp_image import convert_dp_image_checkpoint
 
-    return convert_dp_checkpoint(source, out, weights=weights, overwrite=overwrite)
+    return convert_dp_checkpoint(source, out, weights=weights, overwrite=overwrite,
+                                 convert_image=convert_dp_image_checkpoint)
 
 
 def main(argv: list[str] | None = None) -> int:

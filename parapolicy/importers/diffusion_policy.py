@@ -21,7 +21,7 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -344,12 +344,15 @@ def default_weights(ckpt: DPCheckpoint) -> str:
 
 
 def convert_dp_checkpoint(
-    source: str | Path, out: str | Path, weights: str | None = None, overwrite: bool = False
+    source: str | Path, out: str | Path, weights: str | None = None, overwrite: bool = False,
+    convert_image: Callable[..., Path] | None = None,
 ) -> Path:
     """DP workspace ``.ckpt`` -> parapolicy checkpoint folder ``out`` (model.safetensors + config.json).
 
     ``weights``: ``"ema"`` or ``"model"`` (default: ``default_weights``). Everything is read and checked
-    before ``out`` is created; a refused or broken file leaves nothing behind.
+    before ``out`` is created; a refused or broken file leaves nothing behind. ``convert_image(ckpt, sd,
+    weights_key, source, out)`` takes over image policies (``parapolicy.importers.dp_image``; passed in by
+    ``parapolicy.convert``, so that this module does not import it); without it they are refused.
     """
     from parapolicy.policy.checkpoint import save_converted
     from parapolicy.policy.diffusion_policy import DiffusionPolicy
@@ -370,10 +373,9 @@ def convert_dp_checkpoint(
     bad = [k for k, v in sd.items() if not torch.is_tensor(v)]
     if bad:
         raise ValueError(f"{what}: state_dicts[{key!r}] entries {bad[:5]} are not tensors")
-    from parapolicy.importers.dp_image import convert_dp_image_checkpoint, is_image_policy
-
-    if is_image_policy(ckpt, sd):  # cameras: robomimic's encoder + the U-Net (parapolicy.importers.dp_image)
-        return convert_dp_image_checkpoint(ckpt, sd, key, source, out)
+    image = "image" in _target(ckpt, "policy._target_").rsplit(".", 1)[-1].lower()
+    if convert_image is not None and (image or any(k.startswith("obs_encoder.") for k in sd)):
+        return convert_image(ckpt, sd, key, source, out)
     check_supported(ckpt, sd)
     config, scheduler = build_config(ckpt, sd)
 

@@ -43,11 +43,6 @@ RESNET_IMAGE_POLICY = "DiffusionUnetImagePolicy"
 _PREFIX = "obs_encoder.obs_nets."
 
 
-def is_image_policy(ckpt: DPCheckpoint, weights: Mapping[str, torch.Tensor]) -> bool:
-    name = str(ckpt.get("policy._target_", "") or "").rsplit(".", 1)[-1]
-    return "image" in name.lower() or any(k.startswith("obs_encoder.") for k in weights)
-
-
 def _shape_meta(ckpt: DPCheckpoint, what: str) -> tuple[list[tuple[str, str, list[int]]], list[int]]:
     """[(key, type, shape)] of ``shape_meta.obs`` in insertion order, and the action shape."""
     meta = ckpt.get("policy.shape_meta") or ckpt.get("shape_meta") or ckpt.get("task.shape_meta")
