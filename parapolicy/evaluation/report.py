@@ -114,16 +114,18 @@ def fixed_latency_ms(row: dict) -> float | None:
         return None
 
 
-def realtime_series(rows: list[dict]) -> dict[str, list[dict]]:
-    """Real-time rows with a fixed latency, one series per (sampler, timing, transition), by latency."""
-    series = defaultdict(list)
+def realtime_series(rows: list[dict]) -> dict[str, dict[str, list[dict]]]:
+    """Real-time rows with a fixed latency: ``{env: {series: rows by latency}}``, one series per
+    (sampler, timing, transition)."""
+    series: dict = defaultdict(lambda: defaultdict(list))
     for r in rows:
         if r.get("timing", "sync") != "sync" and fixed_latency_ms(r) is not None:
             name = f"{r['sampler']} {r['timing']}" + (f" {r['transition']}" if r["timing"] == "async" else "")
-            series[name].append(r)
-    for points in series.values():
-        points.sort(key=fixed_latency_ms)
-    return dict(series)
+            series[str(r["env"])][name].append(r)
+    for by_name in series.values():
+        for points in by_name.values():
+            points.sort(key=fixed_latency_ms)
+    return {env: dict(by_name) for env, by_name in series.items()}
 
 
 def format_realtime_rows(rows: list[dict]) -> str:
@@ -147,7 +149,8 @@ def format_realtime_rows(rows: list[dict]) -> str:
 
 
 def plot_realtime(rows: list[dict], path: Path) -> bool:
-    """Success and mean task time against latency (a ``-m latency=...`` sweep); False if no such rows."""
+    """Success and mean task time against latency (a ``-m latency=...`` sweep), one row of plots per env;
+    False if there are no such rows."""
     series = realtime_series(rows)
     if not series:
         return False
@@ -156,19 +159,20 @@ def plot_realtime(rows: list[dict], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (success_ax, time_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, points in series.items():
-        latency = [fixed_latency_ms(r) for r in points]
-        rate = [r["success_rate"] for r in points]
-        err = [[r["success_rate"] - r["success_ci95"][0] for r in points],
-               [r["success_ci95"][1] - r["success_rate"] for r in points]]
-        success_ax.errorbar(latency, rate, yerr=err, fmt="o-", capsize=3, label=name)
-        time_ax.plot(latency, [r["task_time_s"] for r in points], "o-", label=name)
-    success_ax.set(xlabel="policy latency [ms]", ylabel="success rate", title="success vs latency (95% Wilson)")
-    time_ax.set(xlabel="policy latency [ms]", ylabel="mean task time [s]", title="task time vs latency")
-    for ax in (success_ax, time_ax):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    fig, axes = plt.subplots(len(series), 2, figsize=(11, 4 * len(series)), squeeze=False)
+    for (env, by_name), (success_ax, time_ax) in zip(sorted(series.items()), axes):
+        for name, points in by_name.items():
+            latency = [fixed_latency_ms(r) for r in points]
+            rate = [r["success_rate"] for r in points]
+            err = [[r["success_rate"] - r["success_ci95"][0] for r in points],
+                   [r["success_ci95"][1] - r["success_rate"] for r in points]]
+            success_ax.errorbar(latency, rate, yerr=err, fmt="o-", capsize=3, label=name)
+            time_ax.plot(latency, [r["task_time_s"] for r in points], "o-", label=name)
+        success_ax.set(xlabel="policy latency [ms]", ylabel="success rate", title=f"{env}: success vs latency (95% Wilson)")
+        time_ax.set(xlabel="policy latency [ms]", ylabel="mean task time [s]", title=f"{env}: task time vs latency")
+        for ax in (success_ax, time_ax):
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
