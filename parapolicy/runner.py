@@ -287,6 +287,8 @@ class PolicyRunner:
                                                     **prefix_args)
                 call = {"latency_ms": latency_ms, "batch": int(len(idx)), "rounds": int(plan["rounds"]),
                         "model_evals": int(plan["model_evals"]), "converged": bool(plan["converged"])}
+                if images:  # an image policy's encoder share of the call (runs once, before sampling)
+                    call["encode_ms"] = float(plan["encode_ms"])
                 action_pred = plan["action_pred"].float().cpu().numpy().reshape(len(idx), m, H, A)
                 samples = plan["sample"].reshape(len(idx), m, *plan["sample"].shape[1:])
                 if self.shadow is not None:
