@@ -391,7 +391,8 @@ class DiffusionPolicy(nn.Module):
         Replans every ``n_action_steps`` calls (when the action queue runs dry) from the last
         ``n_obs_steps`` observations; the first call after ``reset()`` repeats its observation to fill
         the history. ``last_info`` describes this call (``replanned``, ``rounds``, ``model_evals``,
-        ``converged``, ``latency_s``).
+        ``converged``, ``latency_s``; on replanning calls ``encode_ms`` and ``sample_ms``). An image
+        policy takes robosuite's obs dict with its cameras' frames, uint8 ``[H, W, 3]`` or ``[3, H, W]``.
         """
         start = time.perf_counter()
         flat = self._flat_obs(obs)
