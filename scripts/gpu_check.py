@@ -3,6 +3,8 @@
 
     python3 scripts/gpu_check.py                         # on the GPU machine, from the checkout (= make gpu-check)
     python3 scripts/gpu_check.py --out DIR --device cpu  # the rehearsal (make gpu-check DEVICE=cpu runs it in a clean venv)
+    python3 scripts/gpu_check.py --fetch-wheels          # here, with PyPI: the wheels into .whl/ (= make gpu-wheels)
+    python3 scripts/gpu_check.py --make-venv DIR         # here: the rehearsal's clean venv (make gpu-check DEVICE=cpu)
 
 The machine needs Python >= 3.10 with torch (a CUDA build on the GPU) and the packages its image holds
 (``GPU_IMAGE_PROVIDES``); what it lacks travels as the wheels in ``.whl/`` (``make gpu-wheels``, pinned in
