@@ -71,3 +71,16 @@ def test_summarize_gives_each_run_and_the_speedup_over_the_first_baseline():
     assert summary["runs"]["ddpm"]["n_success"] == 2 and summary["runs"]["paraddpm"]["n_success"] == 3
     assert summary["runs"]["paraddpm"]["options"] == {"window": 16} and summary["runs"]["ddpm"]["role"] == "baseline"
     assert summary["speedup_p50"] == 40.0 / 15.0
+
+
+def test_an_image_policy_summary_carries_the_encoder_share():
+    from parapolicy.evaluation.metrics import format_table
+
+    line = {"run": "ddpm", "episode": 0, **record(0, True, latencies=(100.0, 120.0))}
+    for call, encode in zip(line["calls"], (20.0, 30.0)):
+        call["encode_ms"] = encode
+    runs = summarize([line], ["ddpm"], None)["runs"]
+    assert runs["ddpm"]["encode_ms"]["p50"] == 25.0
+    assert "image encoder p50 25.0 ms of the p50 call's 110.0 ms" in format_table(runs)
+    plain = summarize([{"run": "ddpm", "episode": 0, **record(0, True)}], ["ddpm"], None)["runs"]
+    assert "encode_ms" not in plain["ddpm"] and "encoder" not in format_table(plain)

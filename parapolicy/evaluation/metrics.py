@@ -71,6 +71,9 @@ def summarize_run(episodes: Iterable[Mapping]) -> dict:
             if any(ep["success"] for ep in timed) else float("nan"),
             max_switch_jump_mean=float(np.mean(jumps)),
         )
+    encode = [c["encode_ms"] for c in calls if "encode_ms" in c]
+    if encode:  # image policies: the encoder's share of each call (it runs once, before sampling)
+        summary["encode_ms"] = latency_stats(encode)
     shadow = [c for c in calls if "shadow_latency_ms" in c]
     if shadow:
         deviation = np.asarray([c["shadow_deviation"] for c in shadow])
@@ -96,6 +99,10 @@ def format_table(runs: Mapping[str, Mapping], speedup_p50: float | None = None) 
             f"{lat['p95']:>9.1f} {lat['mean']:>9.1f} {run['rounds_mean']:>7.1f} {run['model_evals_mean']:>7.1f} "
             f"{run['control_hz']:>8.1f}"
         )
+    for name, run in runs.items():
+        if "encode_ms" in run:
+            lines.append(f"{name}: image encoder p50 {run['encode_ms']['p50']:.1f} ms of the p50 call's "
+                         f"{run['latency_ms']['p50']:.1f} ms (once per call, before sampling)")
     if speedup_p50 is not None:
         lines.append(f"p50 latency speedup over baseline: {speedup_p50:.2f}x")
     timed = {name: run for name, run in runs.items() if "stall_steps" in run}
