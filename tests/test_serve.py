@@ -325,26 +325,8 @@ def test_cli_server_answers_in_flight_requests_on_sigterm(tmp_path):
     assert "served 1 requests in 1 batches" in out and "closed after 1 requests" in out
 
 
-def test_in_process_stop_answers_queued_requests():
-    policy = tiny_policy(seed=6)
-    policy.set_sampler("ddpm", 50)
-    histories = observations(policy, 3 * 2, seed=8).reshape(3, 2, OBS_DIM)
-    server = serve(policy, max_batch=1, max_wait_ms=0)  # no batching: the robots queue behind each other
-    clients = [RemotePolicy(server.url) for _ in range(3)]
-    replies: list = []
-    threads = [threading.Thread(target=lambda c=c, h=h: replies.append(c.infer(h, reset=True, seed=1)))
-               for c, h in zip(clients, histories)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 60
-    while server.server._inflight < 3:  # all three received: one planning, two queued
-        assert time.monotonic() < deadline, "the requests never reached the server"
-        time.sleep(0.001)
-    server.stop()
-    for t in threads:
-        t.join(30)
-    assert len(replies) == 3 and all(r["type"] == "action" for r in replies)
-    assert server.server.stats.requests == 3
+# in-process stop with one request planning and two queued: tests/test_serve_batching.py (the model call
+# is held on an event there, so the three-in-flight state does not depend on arrival times)
 
 
 # ------------------------------------------------------------------------------------------ closed loop
