@@ -108,13 +108,15 @@ def _gn(x, sd, name):
     return F.group_norm(x, sd[f"{name}.weight"].shape[0] // 16, sd[f"{name}.weight"], sd[f"{name}.bias"])
 
 
-def resnet18_trunk(sd, prefix, x):
-    """torchvision's resnet18 children[:-2] with DP's GroupNorm, on robomimic's ``nets.<i>`` names."""
-    x = F.relu(_gn(F.conv2d(x, sd[f"{prefix}.0.weight"], stride=2, padding=3), sd, f"{prefix}.1"))
+def resnet18_trunk(sd, prefix, x, torchvision_names=False):
+    """torchvision's resnet18 children[:-2] with DP's GroupNorm, on robomimic's ``nets.<i>`` names (or
+    torchvision's ``conv1``, ``bn1``, ``layer<i>``)."""
+    stem = ("conv1", "bn1") if torchvision_names else ("0", "1")
+    x = F.relu(_gn(F.conv2d(x, sd[f"{prefix}.{stem[0]}.weight"], stride=2, padding=3), sd, f"{prefix}.{stem[1]}"))
     x = F.max_pool2d(x, 3, 2, 1)
     for layer in range(4):
         for block in range(2):
-            name = f"{prefix}.{layer + 4}.{block}"
+            name = f"{prefix}.layer{layer + 1}.{block}" if torchvision_names else f"{prefix}.{layer + 4}.{block}"
             stride = 2 if layer > 0 and block == 0 else 1
             out = F.relu(_gn(F.conv2d(x, sd[f"{name}.conv1.weight"], stride=stride, padding=1), sd, f"{name}.bn1"))
             out = _gn(F.conv2d(out, sd[f"{name}.conv2.weight"], padding=1), sd, f"{name}.bn2")
@@ -187,8 +189,8 @@ def test_hybrid_image_workspace_converts_and_plans_dps_actions(tmp_path):
 
 
 @pytest.mark.parametrize("config,message", [
-    (dict(policy_target="diffusion_policy.policy.diffusion_unet_image_policy.DiffusionUnetImagePolicy"),
-     "DiffusionUnetImagePolicy"),
+    (dict(policy_target="diffusion_policy.policy.diffusion_transformer_hybrid_image_policy"
+                        ".DiffusionTransformerHybridImagePolicy"), "DiffusionTransformerHybridImagePolicy"),
     (dict(abs_action=True), "absolute actions"),
     (dict(obs_as_global_cond=False), "inpainting"),
 ])
@@ -215,3 +217,97 @@ def small_state_dict() -> dict[str, torch.Tensor]:
         sd[f"normalizer.params_dict.{camera}.scale"] = torch.tensor([2.0])
         sd[f"normalizer.params_dict.{camera}.offset"] = torch.tensor([-1.0])
     return sd
+
+
+# ---------------------------------------------------------------- DiffusionUnetImagePolicy (ResNet, MultiImageObsEncoder)
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).reshape(1, 3, 1, 1)
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).reshape(1, 3, 1, 1)
+
+
+def resnet_image_config():
+    cfg = OmegaConf.to_container(hybrid_config(policy_target="diffusion_policy.policy.diffusion_unet_image_policy"
+                                               ".DiffusionUnetImagePolicy"))
+    for key in ("crop_shape", "obs_encoder_group_norm", "eval_fixed_crop"):
+        cfg["policy"].pop(key)
+    cfg["policy"]["obs_encoder"] = {
+        "_target_": "diffusion_policy.model.vision.multi_image_obs_encoder.MultiImageObsEncoder",
+        "shape_meta": "${shape_meta}", "resize_shape": None, "crop_shape": [76, 76], "random_crop": True,
+        "use_group_norm": True, "share_rgb_model": False, "imagenet_norm": True,
+        "rgb_model": {"_target_": "diffusion_policy.model.vision.model_getter.get_resnet", "name": "resnet18",
+                      "weights": None}}
+    conf = OmegaConf.create(cfg)
+    OmegaConf.set_struct(conf, True)
+    return conf
+
+
+def resnet_image_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    """DiffusionUnetImagePolicy names; the two cameras' ResNets share tensors here (a smaller file)."""
+    from parapolicy.policy.vision import resnet18
+
+    sd = hybrid_state_dict(seed)
+    sd = {k: v for k, v in sd.items() if not k.startswith("obs_encoder.")}
+    torch.manual_seed(seed)
+    net = resnet18(num_classes=None, norm="group")
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    for camera in CAMERAS:
+        sd.update({f"obs_encoder.key_model_map.{camera}.{k}": v for k, v in net.state_dict().items()})
+    step_width = len(CAMERAS) * 512 + sum(LOW_DIM.values())
+    unet = ConditionalUnet1D(input_dim=7, global_cond_dim=2 * step_width, diffusion_step_embed_dim=STEP_DIM,
+                             down_dims=DOWN, kernel_size=5, n_groups=8)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    sd = {k: v for k, v in sd.items() if not k.startswith("model.")}
+    sd.update({f"model.{k}": v.detach().clone() for k, v in unet.state_dict().items()})
+    return sd
+
+
+def dp_image_predict_action(sd, obs, generator, num_inference_steps=10):
+    """DiffusionUnetImagePolicy.predict_action with MultiImageObsEncoder (sorted rgb, then sorted low-dim)."""
+    from diffusers import DDPMScheduler
+
+    batch, steps = obs["robot0_eef_pos"].shape[:2]
+
+    def normalised(key):
+        x = obs[key].reshape(batch * steps, *obs[key].shape[2:])
+        shape = (-1, *[1] * (x.ndim - 2))
+        return x * sd[f"normalizer.params_dict.{key}.scale"].reshape(shape) + sd[f"normalizer.params_dict.{key}.offset"].reshape(shape)
+
+    features = []
+    for key in sorted(CAMERAS):
+        image = (normalised(key)[:, :, 4:80, 4:80] - IMAGENET_MEAN) / IMAGENET_STD  # eval crop, then ImageNet
+        trunk = resnet18_trunk(sd, f"obs_encoder.key_model_map.{key}", image, torchvision_names=True)
+        features.append(trunk.mean(dim=(2, 3)))  # avgpool; fc is an Identity
+    features += [normalised(key) for key in sorted(LOW_DIM)]
+    global_cond = torch.cat(features, dim=-1).reshape(batch, -1)
+    scheduler = DDPMScheduler(**{k: v for k, v in SCHEDULER.items() if k != "_target_"})
+    trajectory = torch.randn((batch, 16, 7), generator=generator)
+    scheduler.set_timesteps(num_inference_steps)
+    for t in scheduler.timesteps:
+        out = dp_unet_forward(sd, trajectory, torch.as_tensor(t), global_cond, n_levels=len(DOWN), step_dim=STEP_DIM)
+        trajectory = scheduler.step(out, t, trajectory, generator=generator).prev_sample
+    action_pred = (trajectory - sd["normalizer.params_dict.action.offset"]) / sd["normalizer.params_dict.action.scale"]
+    return {"action": action_pred[:, 1:9]}
+
+
+@pytest.mark.slow  # a ~45 MB workspace file written, read and converted
+def test_resnet_image_workspace_converts_and_plans_dps_actions(tmp_path):
+    sd = resnet_image_state_dict()
+    source = write_dp_checkpoint(tmp_path / "dp_image.ckpt", resnet_image_config(), sd, sd)
+    policy = load_policy(convert(source, tmp_path / "out"), sampler="ddpm")
+    cfg = policy.config
+    assert cfg.vision["encoder"] == "multi_image" and cfg.image_keys == sorted(CAMERAS)
+    assert cfg.obs_keys == sorted(LOW_DIM) and cfg.global_cond_dim == 2 * (2 * 512 + 9)
+    g = torch.Generator().manual_seed(4)
+    frames = {key: torch.randint(0, 256, (2, 2, 3, 84, 84), generator=g, dtype=torch.uint8) for key in CAMERAS}
+    low = {key: torch.randn(2, 2, dim, generator=g) for key, dim in LOW_DIM.items()}
+    with torch.no_grad():
+        reference = dp_image_predict_action(sd, {**low, **{k: v.float() / 255 for k, v in frames.items()}},
+                                            torch.Generator().manual_seed(5))
+    x_T, noise = draws_in_dp_order(torch.Generator().manual_seed(5), 2, 16, 7, policy.sampler.timesteps)
+    ours = policy.predict_action(torch.cat([low[k] for k in cfg.obs_keys], dim=-1), images=frames, x_T=x_T, noise=noise)
+    difference = (ours["action"] - reference["action"]).abs().max()
+    assert difference <= 1e-4, difference
+    assert reference["action"].std() > 0.05

@@ -1,4 +1,4 @@
-"""Import Diffusion Policy's hybrid image policy (``DiffusionUnetHybridImagePolicy``) workspace checkpoints.
+"""Import Diffusion Policy's image policies: ``DiffusionUnetHybridImagePolicy`` and ``DiffusionUnetImagePolicy``.
 
 That policy conditions its U-Net on robomimic's observation encoder, run per observation step: for each
 key of ``shape_meta.obs`` *in the config's insertion order*, an rgb key goes through a crop (random in
@@ -13,9 +13,15 @@ parapolicy's :class:`~parapolicy.policy.vision.ImageObsEncoder` holds the same m
 is exact all the same: the global conditioning enters the U-Net only through the FiLM layers'
 ``cond_encoder.1`` Linear maps, whose input columns are permuted to our order.
 
-Refused by name: the ResNet image policy (``DiffusionUnetImagePolicy``), inpainting
-(``obs_as_global_cond=False``), absolute 10-dim actions (``abs_action``), cameras of different sizes,
-and an odd crop margin with ``eval_fixed_crop`` (torchvision rounds that centre differently).
+The ResNet image policy (``DiffusionUnetImagePolicy``) conditions on DP's ``MultiImageObsEncoder``: per
+rgb key (sorted) a crop and torchvision's ResNet-18 without fc (GroupNorm with ``use_group_norm``), after
+ImageNet normalisation of the [-1, 1] images, then the low-dim keys (sorted). parapolicy's
+:class:`~parapolicy.policy.vision.DPImageObsEncoder` is that module under the same names; the
+conditioning layout is already ours.
+
+Refused by name: other image policy classes, inpainting (``obs_as_global_cond=False``), absolute 10-dim
+actions (``abs_action``), cameras of different sizes, a ``resize_shape``, and an odd crop margin
+(torchvision rounds that centre differently).
 """
 
 from __future__ import annotations
@@ -59,12 +65,9 @@ def _shape_meta(ckpt: DPCheckpoint, what: str) -> tuple[list[tuple[str, str, lis
 
 def check_hybrid_supported(ckpt: DPCheckpoint, weights: Mapping[str, torch.Tensor], what: str) -> None:
     name = str(ckpt.get("policy._target_", "") or "").rsplit(".", 1)[-1]
-    if name == RESNET_IMAGE_POLICY or any(".key_model_map." in k for k in weights):
-        raise UnsupportedCheckpointError(
-            f"{what}: {RESNET_IMAGE_POLICY} (the ResNet image policy, MultiImageObsEncoder) is not supported yet; "
-            f"parapolicy imports {HYBRID_IMAGE_POLICY} (robomimic's encoder)")
-    if name and name != HYBRID_IMAGE_POLICY:
-        raise UnsupportedCheckpointError(f"{what}: image policy class {name} is not supported; only {HYBRID_IMAGE_POLICY} is")
+    if name and name not in (HYBRID_IMAGE_POLICY, RESNET_IMAGE_POLICY):
+        raise UnsupportedCheckpointError(f"{what}: image policy class {name} is not supported; only "
+                                         f"{HYBRID_IMAGE_POLICY} and {RESNET_IMAGE_POLICY} are")
     if ckpt.get("policy.obs_as_global_cond", True) is False:
         raise UnsupportedCheckpointError(f"{what}: inpainting policies (obs_as_global_cond=False) are not supported")
     if ckpt.get("policy.cond_predict_scale", True) is False:
@@ -97,6 +100,9 @@ def convert_dp_image_checkpoint(ckpt: DPCheckpoint, sd: Mapping[str, torch.Tenso
 
     what = f"Diffusion Policy checkpoint {source.name}"
     check_hybrid_supported(ckpt, sd, what)
+    name = str(ckpt.get("policy._target_", "") or "").rsplit(".", 1)[-1]
+    if name == RESNET_IMAGE_POLICY or any(k.startswith("obs_encoder.key_model_map.") for k in sd):
+        return _convert_resnet_image(ckpt, sd, weights_key, source, out, what)
     if not any(k.startswith(_PREFIX) for k in sd):
         name = str(ckpt.get("policy._target_", "") or "").rsplit(".", 1)[-1]
         raise UnsupportedCheckpointError(f"{what}: image / hybrid policy {name} without {_PREFIX}* weights: "
@@ -115,15 +121,7 @@ def convert_dp_image_checkpoint(ckpt: DPCheckpoint, sd: Mapping[str, torch.Tenso
         raise UnsupportedCheckpointError(f"{what}: 10-dim absolute actions (position, 6D rotation, gripper) are not "
                                          f"supported yet; parapolicy's envs take 7-dim OSC_POSE delta actions")
 
-    for key, _ in rgb:  # images must reach the encoder as DP's range normaliser leaves them
-        scale, offset = sd.get(f"normalizer.params_dict.{key}.scale"), sd.get(f"normalizer.params_dict.{key}.offset")
-        if scale is None or offset is None:
-            raise ValueError(f"{what}: normaliser normalizer.params_dict.{key}.scale / .offset not found")
-        scale, offset = scale.double(), offset.double()
-        if (scale - 2.0).abs().max() > 1e-6 or (offset + 1.0).abs().max() > 1e-6:
-            raise UnsupportedCheckpointError(f"{what}: camera {key!r} is normalised with scale {scale.flatten()[:3].tolist()}, "
-                                             f"offset {offset.flatten()[:3].tolist()}; only DP's image range normaliser "
-                                             f"([0, 1] -> [-1, 1]) is supported")
+    _check_image_normaliser(sd, [key for key, _ in rgb], what)
 
     # --- encoder weights: DP's nets.* are ours; backbone.* / pool.* must be the same tensors again
     encoder_sd, norm = {}, "group"
@@ -220,6 +218,100 @@ def convert_dp_image_checkpoint(ckpt: DPCheckpoint, sd: Mapping[str, torch.Tenso
         },
         "converter": "parapolicy.convert",
     }
+    return save_converted(policy, out, training)
+
+
+def _check_image_normaliser(sd: Mapping[str, torch.Tensor], keys: list[str], what: str) -> None:
+    """Images must reach the encoder as DP's image range normaliser leaves them ([0, 1] -> [-1, 1])."""
+    for key in keys:
+        scale, offset = sd.get(f"normalizer.params_dict.{key}.scale"), sd.get(f"normalizer.params_dict.{key}.offset")
+        if scale is None or offset is None:
+            raise ValueError(f"{what}: normaliser normalizer.params_dict.{key}.scale / .offset not found")
+        scale, offset = scale.double(), offset.double()
+        if (scale - 2.0).abs().max() > 1e-6 or (offset + 1.0).abs().max() > 1e-6:
+            raise UnsupportedCheckpointError(f"{what}: camera {key!r} is normalised with scale {scale.flatten()[:3].tolist()}, "
+                                             f"offset {offset.flatten()[:3].tolist()}; only DP's image range normaliser "
+                                             f"([0, 1] -> [-1, 1]) is supported")
+
+
+def _common_config(ckpt: DPCheckpoint, sd: Mapping[str, torch.Tensor], what: str) -> tuple[dict, dict, dict]:
+    """(DiffusionPolicyConfig arguments every DP image policy shares, scheduler config, U-Net dims)."""
+    dims = _dims_from_weights(sd, what)
+    n_obs_steps = _int(ckpt.get("policy.n_obs_steps", ckpt.get("n_obs_steps")), "n_obs_steps", what)
+    sampler, steps, scheduler = read_scheduler(ckpt, what)
+    return dict(
+        action_dim=dims["action_dim"], horizon=_int(ckpt.get("policy.horizon", ckpt.get("horizon")), "horizon", what),
+        n_obs_steps=n_obs_steps,
+        n_action_steps=_int(ckpt.get("n_action_steps", ckpt.get("policy.n_action_steps")), "n_action_steps", what),
+        oa_step_convention=True, n_latency_steps=_int(ckpt.get("n_latency_steps", 0) or 0, "n_latency_steps", what),
+        down_dims=dims["down_dims"], kernel_size=dims["kernel_size"], n_groups=8,
+        diffusion_step_embed_dim=dims["diffusion_step_embed_dim"],
+        num_train_timesteps=int(scheduler.get("num_train_timesteps", 1000)),
+        beta_schedule=str(scheduler.get("beta_schedule", "linear")), clip_sample=bool(scheduler.get("clip_sample", True)),
+        prediction_type=str(scheduler.get("prediction_type", "epsilon")), sampler=sampler, num_inference_steps=steps,
+    ), scheduler, dims
+
+
+def _convert_resnet_image(ckpt: DPCheckpoint, sd: Mapping[str, torch.Tensor], weights_key: str, source: Path,
+                          out: Path, what: str) -> Path:
+    """``DiffusionUnetImagePolicy``: DP's MultiImageObsEncoder (rgb keys sorted, then low-dim keys sorted)
+    around torchvision's ResNet-18 without fc; the global conditioning is already in our layout."""
+    from parapolicy.policy.checkpoint import save_converted
+    from parapolicy.policy.diffusion_policy import DiffusionPolicy
+
+    entries, action_shape = _shape_meta(ckpt, what)
+    if action_shape != [7]:
+        raise UnsupportedCheckpointError(f"{what}: action shape {action_shape}: only 7-dim OSC_POSE delta actions are "
+                                         f"supported (10-dim absolute actions are not yet)")
+    rgb = sorted(key for key, kind, _ in entries if kind == "rgb")
+    low = sorted((key, shape) for key, kind, shape in entries if kind == "low_dim")
+    shapes = {tuple(shape) for key, kind, shape in entries if kind == "rgb"}
+    if not rgb or len(shapes) != 1:
+        raise UnsupportedCheckpointError(f"{what}: needs cameras of one shape, got {sorted(shapes)}")
+    image_shape = list(shapes.pop())
+    encoder_cfg = ckpt.get("policy.obs_encoder") or {}
+    model_name = (encoder_cfg.get("rgb_model") or {}).get("name", "resnet18") if isinstance(encoder_cfg, Mapping) else None
+    if model_name != "resnet18":
+        raise UnsupportedCheckpointError(f"{what}: rgb_model {model_name!r} is not supported (only get_resnet resnet18)")
+    if encoder_cfg.get("resize_shape") is not None:
+        raise UnsupportedCheckpointError(f"{what}: resize_shape is not supported (torchvision's tensor resize "
+                                         f"antialiasing differs between versions)")
+    crop = encoder_cfg.get("crop_shape")
+    crop = [int(v) for v in crop] if crop is not None else None
+    random_crop = bool(encoder_cfg.get("random_crop", True))
+    if crop is not None and random_crop and any((size - c) % 2 for size, c in zip(image_shape[1:], crop)):
+        raise UnsupportedCheckpointError(f"{what}: an odd crop margin ({image_shape[1:]} -> {crop}) is not supported "
+                                         f"(torchvision rounds that centre half-up)")
+    _check_image_normaliser(sd, rgb, what)
+    share = bool(encoder_cfg.get("share_rgb_model", False))
+    encoder_sd = {k[len("obs_encoder."):]: v for k, v in sd.items() if k.startswith("obs_encoder.")}
+    norm = "batch" if any(k.endswith("running_mean") for k in encoder_sd) else "group"
+    low_dims = [int(torch.tensor(shape).prod()) for _, shape in low]
+    common, scheduler, dims = _common_config(ckpt, sd, what)
+    step_width = 512 * len(rgb) + sum(low_dims)
+    if dims["global_cond_dim"] != step_width * common["n_obs_steps"]:
+        raise ValueError(f"{what}: the U-Net's global conditioning has {dims['global_cond_dim']} columns; shape_meta "
+                         f"gives {step_width} features x {common['n_obs_steps']} steps")
+    vision = dict(encoder="multi_image", norm=norm, crop_shape=crop, random_crop=random_crop, share_rgb_model=share,
+                  imagenet_norm=bool(encoder_cfg.get("imagenet_norm", False)), feature_dim=512, low_dim_dims=low_dims)
+    obs_keys = [key for key, _ in low]
+    config = DiffusionPolicyConfig(obs_dim=sum(low_dims), obs_keys=obs_keys, image_keys=rgb, image_shape=image_shape,
+                                   vision=vision, env=_our_image_env(ckpt.get("task.task_name", ckpt.get("task_name")),
+                                                                     rgb, obs_keys), **common)
+    policy = DiffusionPolicy(config, scheduler_config=scheduler)
+    _load_exactly(policy.model, {k[len("model."):]: v.float() for k, v in sd.items() if k.startswith("model.")}, "U-Net", what)
+    _load_exactly(policy.obs_encoder, {k: v.float() if v.is_floating_point() else v for k, v in encoder_sd.items()},
+                  "encoder", what)
+    if obs_keys:
+        scales, offsets = zip(*(_affine(sd, key, dim, what) for key, dim in zip(obs_keys, low_dims)))
+        policy.normalizer.obs.set_stats(*dp_affine_to_minmax(torch.cat(scales), torch.cat(offsets), f"{what}: low-dim normaliser"))
+    scale, offset = _affine(sd, "action", config.action_dim, what)
+    policy.normalizer.action.set_stats(*dp_affine_to_minmax(scale, offset, f"{what}: normalizer action"))
+    training = {"converted_from": {"format": FORMAT, "source": source.name, "sha256": ckpt.sha256, "weights": weights_key,
+                                   "policy_class": RESNET_IMAGE_POLICY,
+                                   **{k: v for k, v in ckpt.pickles.items() if k in ("global_step", "epoch")},
+                                   "dp_config": {"policy": _excerpt(ckpt.get("policy"))}},
+                "converter": "parapolicy.convert"}
     return save_converted(policy, out, training)
 
 

@@ -15,7 +15,8 @@ and nothing here needs it.
 - :class:`MultiImageObsEncoder`: Diffusion Policy's encoder for its ResNet image policy: resize, crop,
   ImageNet normalisation, one model per camera or one shared, low-dim keys appended.
 - :class:`ImageObsEncoder`: what a parapolicy image policy conditions on: per camera crop + VisualCore,
-  then the normalised low-dim vector, per observation step.
+  then the normalised low-dim vector, per observation step (:class:`DPImageObsEncoder`: the same call
+  around DP's MultiImageObsEncoder, for imported ResNet image policies).
 
 Images enter every encoder as float ``[N, 3, H, W]`` in [-1, 1] (Diffusion Policy's image range
 normaliser maps [0, 1] there; the policy does that conversion from uint8).
@@ -332,10 +333,13 @@ class MultiImageObsEncoder(nn.Module):
     """Diffusion Policy's ``MultiImageObsEncoder`` (its ResNet image policy's encoder).
 
     For every rgb key (sorted by name): optional resize to ``resize_shape``, crop to ``crop_shape``
-    (random in training with ``random_crop``, else centred), optional ImageNet normalisation, then the
+    (``random_crop``: random in training, centred in eval), optional ImageNet normalisation, then the
     key's model (``key_model_map.<key>``; one ``key_model_map.rgb`` if ``share_rgb_model``). Low-dim keys
     (sorted) follow as they are. ``rgb_model``: e.g. ``resnet18(num_classes=None, norm="group")``, whose
     output is its pooled 512-dim feature. Returns ``[N, sum of features]``.
+
+    As in Diffusion Policy's code, ``random_crop=False`` crops nothing (DP builds a centre crop there but
+    assigns it to the normaliser slot, which the next line replaces), so imported policies plan alike.
     """
 
     def __init__(self, shape_meta: Mapping[str, Mapping], rgb_model: nn.Module | Mapping[str, nn.Module],
@@ -351,7 +355,6 @@ class MultiImageObsEncoder(nn.Module):
         self.imagenet_norm = bool(imagenet_norm)
         self.resize: dict[str, tuple[int, int] | None] = {}
         self.crops = nn.ModuleDict()
-        self.center_crop: dict[str, tuple[int, int]] = {}
         if self.share_rgb_model:
             self.key_model_map["rgb"] = rgb_model
         for key, attr in shape_meta.items():
@@ -368,11 +371,8 @@ class MultiImageObsEncoder(nn.Module):
                 if size is not None:
                     shape = (shape[0], *size)
                 crop = _per_key(crop_shape, key)
-                if crop is not None:
-                    if random_crop:
-                        self.crops[key] = CropRandomizer(shape, *crop)
-                    else:
-                        self.center_crop[key] = tuple(crop)
+                if crop is not None and random_crop:
+                    self.crops[key] = CropRandomizer(shape, *crop)
             elif kind == "low_dim":
                 self.low_dim_keys.append(key)
             else:
@@ -388,11 +388,6 @@ class MultiImageObsEncoder(nn.Module):
             image = F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)
         if key in self.crops:
             image = self.crops[key](image)
-        elif key in self.center_crop:
-            crop_h, crop_w = self.center_crop[key]
-            h, w = image.shape[-2:]
-            top, left = int(round((h - crop_h) / 2.0)), int(round((w - crop_w) / 2.0))
-            image = image[..., top:top + crop_h, left:left + crop_w]
         if self.imagenet_norm:
             image = (image - self.imagenet_mean) / self.imagenet_std
         return image
@@ -408,6 +403,32 @@ class MultiImageObsEncoder(nn.Module):
             features += [self.key_model_map[key](self._prepare(key, obs[key])) for key in self.rgb_keys]
         features += [obs[key].reshape(batch, -1) for key in self.low_dim_keys]
         return torch.cat(features, dim=-1)
+
+
+class DPImageObsEncoder(MultiImageObsEncoder):
+    """Diffusion Policy's ResNet image encoder as a parapolicy image policy's ``obs_encoder``: the same
+    modules and state-dict names (``key_model_map.<key>.conv1.weight``, ...), called as
+    ``forward(images, low_dim)``. ``low_dim`` ``[N, sum(low_dim_dims)]`` holds ``low_dim_keys`` in that
+    order; the output, like DP's, is the rgb features by sorted key, then the low-dim keys sorted.
+    """
+
+    def __init__(self, image_keys: Sequence[str], image_shape: Sequence[int], low_dim_keys: Sequence[str],
+                 low_dim_dims: Sequence[int], norm: str = "group", crop_shape: Sequence[int] | None = (76, 76),
+                 random_crop: bool = True, share_rgb_model: bool = False, imagenet_norm: bool = True,
+                 feature_dim: int = 512):
+        shape_meta = {key: {"shape": list(image_shape), "type": "rgb"} for key in image_keys}
+        shape_meta.update({key: {"shape": [int(dim)], "type": "low_dim"} for key, dim in zip(low_dim_keys, low_dim_dims)})
+        super().__init__(shape_meta, resnet18(num_classes=None, norm=norm), crop_shape=crop_shape,
+                         random_crop=random_crop, share_rgb_model=share_rgb_model, imagenet_norm=imagenet_norm)
+        self.low_dim_split = (list(low_dim_keys), [int(dim) for dim in low_dim_dims])
+        self.output_dim = feature_dim * len(self.rgb_keys) + sum(self.low_dim_split[1])
+
+    def forward(self, images: Mapping[str, torch.Tensor], low_dim: torch.Tensor | None = None) -> torch.Tensor:
+        obs = dict(images)
+        keys, dims = self.low_dim_split
+        if keys:
+            obs.update(zip(keys, torch.split(low_dim, dims, dim=-1)))
+        return super().forward(obs)
 
 
 def _per_key(value, key: str):
