@@ -1,5 +1,6 @@
 # make run   : set up .venv (idempotent) and run the closed-loop eval on the shipped Square checkpoint
 # make test  : set up .venv (idempotent) and run the test suite
+# make mutants: mutation testing (mutmut), each module against its own tests; MODULES="picard srds" for some
 # make docs  : build the docs site (mkdocs.yml) into site/, strict: a broken link or API reference fails
 # GPU users: make run TORCH_SPEC="torch==2.11.0" (or any CUDA build); the default is the CPU build.
 PYTHON ?= python3
@@ -10,9 +11,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.parapolicy-installed
 RAY_STAMP := $(VENV)/.parapolicy-ray-installed
 DOCS_STAMP := $(VENV)/.parapolicy-docs-installed
+MUTANTS_STAMP := $(VENV)/.parapolicy-mutants-installed
+MODULES ?=
 ARGS ?=
 
-.PHONY: setup run test collect train bench gpu-wheels gpu-check clean-venv docs
+.PHONY: setup run test collect train bench gpu-wheels gpu-check clean-venv docs mutants
 
 setup: $(STAMP)
 
@@ -34,6 +37,15 @@ $(RAY_STAMP): $(STAMP)
 
 test: setup $(RAY_STAMP)
 	$(PY) -m pytest -q $(ARGS)
+
+# mutation testing: a scratch copy per module under .mutants/ (the tree is never mutated), survivors in
+# .mutants/<module>/survivors.txt; CPU hungry, so at low priority (python tests/mutants.py --list: the modules)
+$(MUTANTS_STAMP): $(STAMP)
+	$(PIP) install -q -e ".[test,mutants]"
+	touch $(MUTANTS_STAMP)
+
+mutants: setup $(RAY_STAMP) $(MUTANTS_STAMP)
+	nice -n 10 $(PY) tests/mutants.py $(MODULES) $(ARGS)
 
 collect: setup
 	$(PY) -m parapolicy.collect $(ARGS)

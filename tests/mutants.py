@@ -37,8 +37,8 @@ MODULES: dict[str, tuple[str, list[str], list[str]]] = {
                                                  "tests/test_tolerance.py"], []),
     "srds": ("parapolicy/samplers/srds.py", ["tests/test_srds_parataa.py", "tests/test_tolerance.py"], []),
     "parataa": ("parapolicy/samplers/parataa.py", ["tests/test_srds_parataa.py"], []),
-    "safe_pickle": ("parapolicy/importers/safe_pickle.py", ["tests/test_convert.py", "tests/test_safe_pickle.py"], []),
-    "dp_importer": ("parapolicy/importers/diffusion_policy.py", ["tests/test_convert.py", "tests/test_safe_pickle.py",
+    "safe_pickle": ("parapolicy/importers/safe_pickle.py", ["tests/test_convert.py", "tests/test_dp_importer.py"], []),
+    "dp_importer": ("parapolicy/importers/diffusion_policy.py", ["tests/test_convert.py",
                                                                "tests/test_dp_importer.py"], []),
     "runner": ("parapolicy/runner.py", ["tests/test_runner.py"], []),
     "server": ("parapolicy/serving/server.py", ["tests/test_serve.py", "tests/test_serve_batching.py"],
@@ -66,9 +66,10 @@ def pyproject(source: str, tests: list[str]) -> str:
     return "\n".join(lines)
 
 
-def run_module(name: str, max_children: int, log) -> dict:
+def run_module(name: str, max_children: int, log, mutants: list[str] | None = None, tag: str = "") -> dict:
     source, tests, globs = MODULES[name]
-    work = SCRATCH / name
+    globs = mutants or globs
+    work = SCRATCH / (name + (f"-{tag}" if tag else ""))
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
@@ -91,7 +92,8 @@ def run_module(name: str, max_children: int, log) -> dict:
     stats_path = work / "mutants" / "mutmut-cicd-stats.json"
     stats = json.loads(stats_path.read_text()) if stats_path.exists() else {}
     results = subprocess.run([str(mutmut), "results"], cwd=work, env=env, capture_output=True, text=True).stdout
-    survivors = [line.strip() for line in results.splitlines() if line.strip().endswith(": survived")]
+    survivors = [line.strip() for line in results.splitlines()
+                 if line.strip().endswith((": survived", ": timeout", ": no tests"))]
     (work / "survivors.txt").write_text("\n".join(survivors) + "\n")
     stats.update(module=name, source=source, tests=tests, functions=globs or "all", returncode=proc.returncode,
                  minutes=round((time.time() - start) / 60, 1), survivors=[s.split(":")[0] for s in survivors])
@@ -104,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("modules", nargs="*", help=f"some of: {', '.join(MODULES)} (default: all)")
     parser.add_argument("--max-children", type=int, default=2, help="mutants tested at once (default 2)")
     parser.add_argument("--list", action="store_true")
+    parser.add_argument("--mutants", nargs="+", help="only these mutant names / globs (e.g. an earlier run's survivors)")
+    parser.add_argument("--survivors-of", help="only the survivors (and timeouts) listed in this earlier run's "
+                        "survivors.txt")
+    parser.add_argument("--tag", default="", help="scratch folder suffix (keeps an earlier run's folder)")
     args = parser.parse_args(argv)
     if args.list:
         for name, (source, tests, globs) in MODULES.items():
@@ -114,8 +120,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown modules {unknown}; known: {', '.join(MODULES)}")
     summary = {}
     for name in args.modules or list(MODULES):
-        summary[name] = run_module(name, args.max_children, sys.stdout)
-    (SCRATCH / "summary.json").write_text(json.dumps(summary, indent=1))
+        mutants = args.mutants
+        if args.survivors_of:
+            lines = Path(args.survivors_of).read_text().split()
+            mutants = [w.rstrip(":") for w in lines if "__mutmut_" in w]
+        summary[name] = run_module(name, args.max_children, sys.stdout, mutants, args.tag)
+    (SCRATCH / f"summary{'-' + args.tag if args.tag else ''}.json").write_text(json.dumps(summary, indent=1))
     print(f"{'module':12s} {'total':>6s} {'killed':>6s} {'survived':>8s} {'no tests':>8s} {'timeout':>7s}  minutes")
     for name, s in summary.items():
         print(f"{name:12s} {s.get('total', 0):6d} {s.get('killed', 0):6d} {s.get('survived', 0):8d} "
