@@ -14,6 +14,7 @@ from parapolicy.policy import load_checkpoint, save_checkpoint
 from policy_synthetic import OBS_DIM, tiny_policy
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "half_checkpoint.py"
+torch.set_num_threads(1)  # two threads on a shared 2-core machine can take minutes for 100 tiny DDPM steps
 
 
 @pytest.fixture(scope="module")
