@@ -192,3 +192,28 @@ def test_image_policy_trains_on_image_windows_and_round_trips_a_checkpoint(tmp_p
     a = policy.predict_action(torch.zeros(1, 2, 9), images=images, generator=torch.Generator().manual_seed(3))
     b = loaded.predict_action(torch.zeros(1, 2, 9), images=images, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(a["action_pred"], b["action_pred"])
+
+
+def test_shipped_lift_image_policy_loads_and_plans():
+    """checkpoints/lift_image: the image task's layout, small on disk, parallel = sequential on real frames."""
+    from parapolicy.envs.robosuite_env import get_task
+    from parapolicy.policy import load_policy
+    from parapolicy.policy.checkpoint import CHECKPOINTS_DIR
+
+    task = get_task("lift_image")
+    folder = CHECKPOINTS_DIR / "lift_image"
+    assert sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) <= 5 * 2**20
+    ddpm = load_policy("lift_image", sampler="ddpm", num_inference_steps=10)
+    cfg = ddpm.config
+    assert cfg.env == "lift_image" and tuple(cfg.obs_keys) == task.obs_keys and cfg.obs_dim == task.obs_dim
+    assert cfg.image_keys == [f"{camera}_image" for camera in task.cameras] and cfg.image_shape == [3, 84, 84]
+    assert ddpm.training_info["iterations"] > 0 and len(ddpm.training_info["dataset_sha256"]) == 64
+    g = torch.Generator().manual_seed(0)
+    images = {key: torch.randint(0, 256, (2, 2, 3, 84, 84), generator=g, dtype=torch.uint8) for key in CAMERAS}
+    obs = torch.zeros(2, 2, 9)
+    obs[..., 3] = 1.0  # a unit quaternion
+    out = ddpm.predict_action(obs, images=images, generator=torch.Generator().manual_seed(1))
+    parallel = load_policy("lift_image", sampler="paraddpm", num_inference_steps=10, window=10, tolerance=1e-6)
+    par = parallel.predict_action(obs, images=images, generator=torch.Generator().manual_seed(1))
+    assert torch.isfinite(out["action"]).all() and out["action"].abs().max() <= 1 + 1e-5
+    assert torch.allclose(par["action"], out["action"], atol=1e-3), (par["action"] - out["action"]).abs().max()
