@@ -273,3 +273,40 @@ def test_ddim_variants_and_other_schedulers_are_refused_by_name(tmp_path, change
     with pytest.raises(UnsupportedCheckpointError, match=message):
         convert(source, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------- the restricted reader
+def test_config_values_come_back_as_the_same_plain_values():
+    """DP's cfg is an OmegaConf object pickled with dill: every kind of value comes back as plain data,
+    interpolations as their raw strings (never resolved, never evaluated)."""
+    from omegaconf import OmegaConf
+
+    from parapolicy.importers.safe_pickle import inert_to_plain, safe_loads
+
+    values = {"int": 3, "float": 2.5, "yes": True, "no": False, "none": None, "text": "square",
+              "list": [1, "${int}", {"deep": [False, 0.5]}], "nested": {"ref": "${eval:'1+1'}", "empty": {}},
+              "empty_list": []}
+    plain = inert_to_plain(safe_loads(dill.dumps(OmegaConf.create(values))))
+    assert plain == values
+    assert repr(plain) == repr(values)  # bool stays bool, int stays int, float stays float
+
+    deep: dict = {}
+    node = deep
+    for _ in range(70):  # the reader stops at 64 levels
+        node["x"] = {}
+        node = node["x"]
+    with pytest.raises(ValueError, match="nests too deeply"):
+        inert_to_plain(safe_loads(dill.dumps(deep)))
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4])
+def test_old_protocol_pickles_are_read_and_refused_under_python3_names(protocol):
+    import pickle
+
+    from parapolicy.importers.safe_pickle import UnsafePickleError, safe_loads
+
+    data = {"bytes": b"\x00\xff raw", "tuple": (1, 2.0), "set": {3}}
+    assert safe_loads(pickle.dumps(data, protocol=protocol)) == data
+    with pytest.raises(UnsafePickleError) as info:
+        safe_loads(pickle.dumps(Malicious(eval, "1"), protocol=protocol))
+    assert info.value.global_name == "builtins.eval" and "builtins.eval" in str(info.value)
