@@ -158,3 +158,23 @@ def test_srds_returns_at_the_first_iteration_within_tau():
             assert len(out.errors) == expected, (tau, k, errors, out.errors)
             assert out.converged
             assert out.errors == pytest.approx(errors[:expected], rel=1e-9)
+
+
+@pytest.mark.parametrize("window", [2, 3])
+def test_picard_at_tau_zero_is_the_sequential_sampler_for_small_windows(window):
+    """tau = 0 is allowed and exact: every window checks its points, down to windows of two (a window
+    that advanced past a point without checking it would end on a stale x_{N-1})."""
+    n = 12
+    denoise = net_denoiser()
+    x_T, noise = inputs(n)
+    exact = make_sampler("ddpm", POLICY, n).sample(denoise, x_T, noise=noise)
+    out = make_sampler("paraddpm", POLICY, n, window=window, tolerance=0).sample(denoise, x_T, noise=noise)
+    assert out.converged
+    torch.testing.assert_close(out.trajectory, exact.trajectory, rtol=0, atol=1e-12)
+
+
+def test_picard_windows_of_two_advance_two_points_when_the_checked_one_is_within_tau():
+    n = 12
+    x_T, noise = inputs(n)
+    out = make_sampler("paraddpm", POLICY, n, window=2, tolerance=1e6).sample(net_denoiser(), x_T, noise=noise)
+    assert out.rounds == n // 2 and out.model_evals == n
