@@ -11,7 +11,8 @@ machine reproduces what a GPU's or a robot computer's latency does to success. T
   points to the ``episodes.jsonl`` beside it).
 
 The replayed latency of call k of episode e is drawn from that run's list by a generator seeded with
-the episode seed, so a run is reproducible and independent of batching and of other runs.
+the episode seed (the first episode's, for a batch of envs sharing one call), so a run is reproducible
+and independent of other runs.
 """
 
 from __future__ import annotations
