@@ -86,6 +86,25 @@ def draw_noise(policy, generators: list[torch.Generator]) -> tuple[torch.Tensor,
     return torch.cat(x_T), (torch.cat(noise, dim=1) if noise else None)
 
 
+def draw_candidates(policy, generators: list[torch.Generator], m: int = 1):
+    """``draw_noise`` for ``m`` candidate chunks per generator (bidirectional decoding): ``x_T``
+    ``[B * m, H, A]`` and noise ``[N, B * m, H, A]``, rows grouped per generator. Candidate 0 is that
+    generator's usual draw, the other m - 1 are drawn after it, so m = 1 is exactly ``draw_noise``."""
+    x_T, noise = draw_noise(policy, generators)
+    if m == 1:
+        return x_T, noise
+    extra = [draw_noise(policy, [gen] * (m - 1)) for gen in generators]
+    x_T = torch.cat([torch.cat([x_T[r : r + 1], e[0]]) for r, e in enumerate(extra)])
+    if noise is not None:
+        noise = torch.cat([torch.cat([noise[:, r : r + 1], e[1]], dim=1) for r, e in enumerate(extra)], dim=1)
+    return x_T, noise
+
+
+def draw_prefix_noise(generators: list[torch.Generator], m: int, length: int, action_dim: int) -> torch.Tensor:
+    """``[B * m, length, action_dim]`` unit noise for a prefix constraint, drawn after the chunk noise."""
+    return torch.cat([torch.randn((m, length, action_dim), generator=gen) for gen in generators])
+
+
 class PolicyRunner:
     """Runs episodes of one policy (its sampler set) on a vector env, recording every call.
 
@@ -245,13 +264,8 @@ class PolicyRunner:
             """Plan for the active envs from their history at step t; False if the call failed."""
             idx = np.flatnonzero(active)
             first = chunks[idx[0]] is None
-            x_T, noise = draw_noise(self.policy, [generators[i] for i in idx])
-            m = transition.candidates if not first else 1
-            if m > 1:  # bidirectional decoding: m chunks per env in one call (candidate 0: the usual draw)
-                extra = [draw_noise(self.policy, [generators[i]] * (m - 1)) for i in idx]
-                x_T = torch.cat([torch.cat([x_T[r : r + 1], e[0]]) for r, e in enumerate(extra)])
-                if noise is not None:
-                    noise = torch.cat([torch.cat([noise[:, r : r + 1], e[1]], dim=1) for r, e in enumerate(extra)], dim=1)
+            m = transition.candidates if not first else 1  # bidirectional decoding: m chunks per env, one call
+            x_T, noise = draw_candidates(self.policy, [generators[i] for i in idx], m)
             planned_ms = None if first else self.latency.planned_ms(latency_rng)
             if first:
                 d_plan = 0
@@ -259,7 +273,8 @@ class PolicyRunner:
                 d_plan = delay_steps(planned_ms, self.control_period_s)
             else:  # measured: the prefix assumes the slowest of the last calls (known only afterwards)
                 d_plan = delay_steps(max(state["recent_ms"]), self.control_period_s) if state["recent_ms"] else 0
-            known = {i: known_actions(i, t, d_plan) for i in idx} if realtime and not first else {}
+            needs_known = realtime and not first and (transition.prefix != "none" or m > 1)
+            known = {i: known_actions(i, t, d_plan) for i in idx} if needs_known else {}
             lead = d_plan if transition.forecast and self.timing == "async" else 0  # planned for t + lead
             obs_history, images = policy_inputs(cfg, [history[i] for i in idx], lead, obs_bounds)
             if m > 1:
@@ -272,7 +287,7 @@ class PolicyRunner:
                     length = min(len(p[0]) for p in pieces)
                     prefix = torch.from_numpy(np.stack([p[0][:length] for p in pieces]))
                     weights = torch.from_numpy(np.stack([p[1][:length] for p in pieces]))
-                    eta = torch.cat([torch.randn((m, length, A), generator=generators[i]) for i in idx])
+                    eta = draw_prefix_noise([generators[i] for i in idx], m, length, A)
                     prefix_args.update(prefix=prefix.repeat_interleave(m, dim=0),
                                        prefix_weights=weights.repeat_interleave(m, dim=0), prefix_noise=eta)
             warm_from, warm_shift = None, None

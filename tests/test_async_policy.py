@@ -130,14 +130,6 @@ def test_bad_arguments():
 
 
 # ------------------------------------------------------------------ through a loopback server (protocol v2)
-@pytest.fixture()
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("transition", ["forecast", "bid_prefix:4"])
 def test_async_policy_through_a_loopback_server(one_thread, transition):
     policy = tiny_policy()

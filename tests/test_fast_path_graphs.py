@@ -15,12 +15,7 @@ from parapolicy.accel import FastPath
 from policy_synthetic import OBS_DIM, tiny_policy
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def plan(policy, obs, seed):

@@ -25,6 +25,7 @@ from test_samplers import POLICY, inputs, net_denoiser, rel_err
 
 H, A, START, S = 16, 3, 1, 8  # horizon, action dim, action_start (n_obs_steps 2), n_action_steps
 PERIOD = 0.05
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------ fakes
@@ -473,7 +474,6 @@ def test_every_transition_in_every_sampler_family_parallel_equals_sequential(tra
     sequential twin: the same actions reach the env (float32 policy: within 1e-4)."""
     from policy_synthetic import tiny_policy
 
-    torch.set_num_threads(1)
     executed = {}
     for name, options in ((sequential, {}), (parallel, {"tolerance": 1e-7, "warm_start": True})):
         policy = tiny_policy(num_inference_steps=10)
@@ -523,7 +523,6 @@ def test_image_policies_run_closed_loop_under_real_time_execution(timing, transi
     under every kind of execution; the encoder runs once per call."""
     from test_vision import _image_policy
 
-    torch.set_num_threads(1)
     policy = _image_policy()
     encoder_calls = []
     policy.obs_encoder.register_forward_hook(lambda *args: encoder_calls.append(1))

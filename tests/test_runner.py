@@ -27,12 +27,7 @@ SEEDS = [100007, 100011, 100013]
 pytestmark = pytest.mark.slow  # robosuite episodes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class RowPolicy:

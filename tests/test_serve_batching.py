@@ -22,12 +22,7 @@ from parapolicy.serving.server import PolicyServer, ServerThread
 from policy_synthetic import OBS_DIM, tiny_policy
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def histories(policy, n: int, seed: int) -> np.ndarray:

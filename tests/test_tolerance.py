@@ -25,12 +25,7 @@ from parapolicy.samplers import make_sampler
 from test_samplers import LINEAR, POLICY, inputs, net_denoiser
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def posterior_variances(name: str, config, n: int, **kwargs) -> torch.Tensor:

@@ -15,12 +15,7 @@ CONFIG = dict(DDPMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_c
 N = 100
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def smooth_denoiser(alphas_cumprod):

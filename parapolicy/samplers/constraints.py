@@ -49,18 +49,30 @@ class PrefixConstraint:
         self.prefix, self.eta = prefix, eta
         self.weights = weights.reshape(*weights.shape, *([1] * (prefix.ndim - 2)))  # [B, L, 1, ...]
         self.alphas_cumprod = alphas_cumprod
+        self._cache: dict = {}
+
+    def _on(self, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(prefix, eta, weights, sqrt(abar) [T], sqrt(1 - abar) [T]) on ``like``'s device and dtype, made once:
+        a parallel sampler calls the denoiser every round, so nothing is copied or re-derived per call."""
+        key = (like.device, like.dtype)
+        if key not in self._cache:
+            abar = self.alphas_cumprod.to(device=like.device, dtype=torch.float64)
+            self._cache[key] = (self.prefix.to(like), self.eta.to(like), self.weights.to(like),
+                                abar.sqrt().to(like.dtype), (1 - abar).sqrt().to(like.dtype))
+        return self._cache[key]
 
     def noised(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """``[K, B, L, ...]``: the prefix at the noise level of each timestep ``t`` ``[K]``, in ``like``'s dtype."""
-        abar = self.alphas_cumprod.to(device=like.device, dtype=torch.float64)[t.to(like.device).long()]
-        abar = abar.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
-        return abar.sqrt() * self.prefix.to(like) + (1 - abar).sqrt() * self.eta.to(like)
+        prefix, eta, _, sqrt_abar, sqrt_one_minus = self._on(like)
+        t = t.to(like.device).long()
+        shape = (-1, *([1] * (like.ndim - 1)))
+        return sqrt_abar[t].view(shape) * prefix + sqrt_one_minus[t].view(shape) * eta
 
     def apply(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``x`` ``[K, B, H, ...]`` at timesteps ``t`` ``[K]`` -> a copy with the prefix imposed."""
         if x.shape[2] < self.length:
             raise ValueError(f"prefix of length {self.length} is longer than the horizon {x.shape[2]}")
-        w = self.weights.to(x)
+        w = self._on(x)[2]
         out = x.clone()
         out[:, :, : self.length] = w * self.noised(t, x) + (1 - w) * x[:, :, : self.length]
         return out
@@ -79,7 +91,7 @@ class PrefixConstraint:
 
     def finish(self, sample: torch.Tensor) -> torch.Tensor:
         """The clean sample ``[B, H, ...]`` with the prefix blended in at alpha_bar = 1."""
-        w = self.weights.to(sample)
+        prefix, _, w, _, _ = self._on(sample)
         out = sample.clone()
-        out[:, : self.length] = w * self.prefix.to(sample) + (1 - w) * sample[:, : self.length]
+        out[:, : self.length] = w * prefix + (1 - w) * sample[:, : self.length]
         return out

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from parapolicy.runner import draw_noise  # the in-process eval's draw order, shared
+from parapolicy.runner import draw_candidates, draw_prefix_noise  # the in-process eval's draw order, shared
 from parapolicy.serving.codec import CodecError, packb, unpackb
 from parapolicy.serving.protocol import PROTOCOL_VERSION, PROTOCOLS, BadRequest, Request, error_reply, parse_request
 
@@ -426,12 +426,8 @@ class PolicyServer:
         for (warm, prefix_len, m, _), rows in groups.items():
             start = time.perf_counter()
             try:
-                x_T, noise = draw_noise(policy, [batch[i].robot.generator for i in rows])
-                if m > 1:
-                    extra = [draw_noise(policy, [batch[i].robot.generator] * (m - 1)) for i in rows]
-                    x_T = torch.cat([torch.cat([x_T[r : r + 1], e[0]]) for r, e in enumerate(extra)])
-                    if noise is not None:
-                        noise = torch.cat([torch.cat([noise[:, r : r + 1], e[1]], dim=1) for r, e in enumerate(extra)], 1)
+                generators = [batch[i].robot.generator for i in rows]
+                x_T, noise = draw_candidates(policy, generators, m)  # the runner's draw order
                 history = torch.from_numpy(np.stack([batch[i].history for i in rows])).repeat_interleave(m, 0)
                 warm_from = torch.cat([batch[i].robot.previous_sample for i in rows]) if warm else None
                 kwargs = {}
@@ -441,8 +437,7 @@ class PolicyServer:
                     if requests[0].prefix_weights is not None:
                         kwargs["prefix_weights"] = torch.from_numpy(
                             np.stack([r.prefix_weights for r in requests])).repeat_interleave(m, 0)
-                    kwargs["prefix_noise"] = torch.cat([torch.randn((m, prefix_len, cfg.action_dim),
-                                                                    generator=batch[i].robot.generator) for i in rows])
+                    kwargs["prefix_noise"] = draw_prefix_noise(generators, m, prefix_len, cfg.action_dim)
                 plan = policy.predict_action(history, x_T=x_T, noise=noise, warm_from=warm_from, **kwargs)
                 chunks = plan["action_pred"].float().cpu().numpy().reshape(len(rows), m, cfg.horizon, cfg.action_dim)
                 actions = plan["action"].float().cpu().numpy()  # also waits for a GPU
