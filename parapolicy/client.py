@@ -5,6 +5,7 @@
     policy = RemotePolicy("ws://127.0.0.1:8000")       # token=... or $PARAPOLICY_TOKEN if the server wants one
     policy.reset(seed=0)                               # at every episode start (seed: reproducible noise)
     action = policy.act(env.raw_obs)                   # robosuite obs dict or flat [obs_dim] vector
+                                                       # (image policies: the dict with the camera frames)
     policy.last_info                                   # replanned, rounds, model_evals, converged, latency_s, server_ms
 
 Who keeps what: the **client** keeps the action queue and the observations seen since the last request;
@@ -13,7 +14,9 @@ noise generator. ``act()`` answers from the queue while it holds actions (no net
 dry, sends every observation recorded since the previous request (the last ``n_obs_steps`` of them) in
 one request and queues the returned chunk of ``n_action_steps`` actions. So the server's history at
 every plan is exactly the one a local ``DiffusionPolicy.act()`` would hold, with one round trip per
-chunk instead of one per control step.
+chunk instead of one per control step. An image policy's observations travel as dicts of the low-dim
+keys and the uint8 camera frames (two 84x84 cameras: 42 KB a step, ~85 KB a request at n_obs_steps 2);
+a request over the server's ``max_message_bytes`` is refused here, before it is sent.
 
 Needs only numpy, msgpack and websockets (no torch) on the robot's side.
 """
@@ -29,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from parapolicy.serving.codec import packb, unpackb
-from parapolicy.serving.protocol import PROTOCOL_VERSION, PROTOCOLS, flatten_observation
+from parapolicy.serving.protocol import PROTOCOL_VERSION, PROTOCOLS, flatten_observation, image_observation
 
 TOKEN_ENV = "PARAPOLICY_TOKEN"
 
@@ -134,6 +137,19 @@ class RemotePolicy:
     def n_action_steps(self) -> int:
         return int(self.metadata["n_action_steps"])
 
+    @property
+    def image_keys(self) -> list[str]:
+        """The cameras the served policy sees ([] for a low-dim policy)."""
+        return list(self.metadata.get("image_keys") or [])
+
+    def observation(self, obs: Any) -> np.ndarray | dict[str, np.ndarray]:
+        """``obs`` checked as a local policy checks it, in the form a request carries: a flat float32
+        ``[obs_dim]`` vector, or for an image policy a dict of its low-dim keys and uint8 ``[3, H, W]`` frames."""
+        meta = self.metadata
+        if self.image_keys:
+            return image_observation(obs, meta["obs_keys"], int(meta["obs_dim"]), self.image_keys, meta["image_shape"])
+        return flatten_observation(obs, meta["obs_keys"], int(meta["obs_dim"]))
+
     def reset(self, seed: int | None = None) -> None:
         """Start a new episode: the next request resets the server-side history, warm start and generator
         (seeded with ``seed``; a random seed if None)."""
@@ -146,11 +162,11 @@ class RemotePolicy:
         """One control step: record ``obs`` and return the next action ``[action_dim]`` (float32); asks the
         server for a new chunk when the queue is empty."""
         start = time.perf_counter()
-        flat = flatten_observation(obs, self.metadata["obs_keys"], int(self.metadata["obs_dim"]))
-        self._recent.append(flat)
+        self._recent.append(self.observation(obs))
         info: dict[str, Any] = {"replanned": not self._queue, "rounds": 0, "model_evals": 0, "converged": None}
         if not self._queue:
-            reply = self.infer(np.stack(self._recent), reset=self._reset_next, seed=self._seed)
+            recent = list(self._recent) if self.image_keys else np.stack(self._recent)
+            reply = self.infer(recent, reset=self._reset_next, seed=self._seed)
             self._recent.clear()
             self._reset_next = False
             self._queue.extend(np.asarray(reply["action"], dtype=np.float32))
@@ -167,7 +183,8 @@ class RemotePolicy:
                    delay_steps: int | None = None) -> np.ndarray:
         """Protocol v2: plan whole chunks ``[candidates, horizon, action_dim]`` (raw units) from the
         observations since the last request, with an optional known ``prefix`` ``[L, A]`` (and
-        ``prefix_weights`` ``[L]``). Used by ``parapolicy.realtime.AsyncPolicy``; bypasses ``act()``'s queue."""
+        ``prefix_weights`` ``[L]``). Used by ``parapolicy.realtime.AsyncPolicy``; bypasses ``act()``'s queue.
+        An image policy's ``observations`` are obs dicts with the camera frames (one, or a list, oldest first)."""
         if 2 not in self.metadata.get("protocols", [self.metadata.get("protocol")]):
             raise ConnectionError(f"{self.url} serves protocol {self.metadata.get('protocol')} only; "
                                   f"real-time chunking needs protocol 2")
@@ -178,6 +195,9 @@ class RemotePolicy:
                 extra["prefix_weights"] = np.asarray(prefix_weights, dtype=np.float32)
         if delay_steps is not None:
             extra["delay_steps"] = int(delay_steps)
+        if self.image_keys:  # send only what the server reads, checked here
+            observations = [self.observation(o) for o in ([observations] if isinstance(observations, dict)
+                                                           else observations)]
         reply = self.infer(observations, reset=self._reset_next, seed=self._seed, **extra)
         self._reset_next = False
         timing = reply["timing"]
@@ -203,9 +223,14 @@ class RemotePolicy:
         if deadline_ms is not None:
             message["deadline_ms"] = float(deadline_ms)
         message.update(v2)  # protocol v2 keys (plan_chunk)
+        packed = packb(message)
+        limit = self.metadata.get("max_message_bytes")
+        if limit is not None and len(packed) > int(limit):  # the server would close the connection (1009)
+            raise ValueError(f"request {rid} is {len(packed)} bytes, over the server's max_message_bytes {limit}: "
+                             f"send fewer observations per request, or start the server with a larger max_message_bytes")
         start = time.perf_counter()
         try:
-            self._ws.send(packb(message))
+            self._ws.send(packed)
             while True:
                 left = self.timeout_s - (time.perf_counter() - start)
                 if left <= 0:

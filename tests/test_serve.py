@@ -394,3 +394,156 @@ def test_fast_path_server_is_warm_for_every_batch_size_and_plans_as_the_plain_pa
         assert dict(policy.fast_path.stats.warmup_s) == prepared  # no shape was first met by a request
     for r in range(3):
         np.testing.assert_allclose(fast[r], plain[r], atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------ images
+@pytest.fixture(scope="module")
+def lift_image():
+    """The shipped Lift image policy (two 84x84 cameras + proprioception) with a 4-step DDIM."""
+    from parapolicy import load_policy
+
+    return load_policy("lift_image", sampler="ddim", num_inference_steps=4)
+
+
+def image_observations(n: int, seed: int, channel_first: bool = False) -> list[dict]:
+    """``n`` robosuite-style obs dicts: both cameras' uint8 frames, the proprioception, and a key the
+    policy does not read (robosuite's ``object-state``)."""
+    rng = np.random.default_rng(seed)
+    shape = (3, 84, 84) if channel_first else (84, 84, 3)
+    return [{"agentview_image": rng.integers(0, 256, shape, dtype=np.uint8),
+             "robot0_eye_in_hand_image": rng.integers(0, 256, shape, dtype=np.uint8),
+             "robot0_eef_pos": rng.normal(0.0, 0.1, 3), "robot0_eef_quat": rng.normal(0.0, 1.0, 4),
+             "robot0_gripper_qpos": rng.uniform(-0.04, 0.04, 2), "object-state": rng.normal(0.0, 1.0, 10)}
+            for _ in range(n)]
+
+
+def test_image_policy_served_equals_the_local_policy(lift_image):
+    """Protocol v1 (act) and v2 (plan_chunk) with robosuite's obs dict carrying two camera frames, upright
+    [H, W, 3] or channel-first: the served actions are the local act()'s, bit for bit."""
+    policy = lift_image
+    obs = image_observations(17, seed=0)
+    obs_chw = [{k: (np.ascontiguousarray(v.transpose(2, 0, 1)) if k.endswith("_image") else v) for k, v in o.items()}
+               for o in obs]
+    with serve(policy) as server, RemotePolicy(server.url) as remote:
+        meta = remote.metadata
+        assert meta["image_keys"] == ["agentview_image", "robot0_eye_in_hand_image"]
+        assert meta["image_shape"] == [3, 84, 84] and meta["obs_dim"] == 9
+        remote.reset(seed=21)
+        got = np.stack([remote.act(o) for o in obs])
+        remote.reset(seed=21)
+        got_chw = np.stack([remote.act(o) for o in obs_chw])
+        # an image request fits the server's limit with margin: n_obs_steps frames of both cameras
+        request = packb({"id": 1, "obs": [remote.observation(o) for o in obs[:2]], "reset": True, "seed": 21})
+        assert 2 * 2 * 84 * 84 * 3 < len(request) < meta["max_message_bytes"] / 10
+        # protocol v2: the whole chunk, then two candidates with a known prefix
+        remote.reset(seed=21)
+        chunk = remote.plan_chunk(obs[0])
+        prefix = chunk[0, :3]
+        two = remote.plan_chunk(obs[1:3], prefix=prefix, candidates=2, delay_steps=3)
+    expected = local_actions(policy, obs, seed=21)
+    assert np.array_equal(got, expected) and np.array_equal(got_chw, expected)
+    start = policy.config.action_start
+    assert chunk.shape == (1, 16, 7) and np.array_equal(chunk[0, start : start + 8], expected[:8])
+    assert two.shape == (2, 16, 7) and not np.allclose(two[0], two[1])
+    np.testing.assert_allclose(two[:, :3], np.stack([prefix, prefix]), atol=1e-5)  # imposed exactly
+
+
+def test_image_requests_of_several_robots_plan_in_one_batch(lift_image):
+    """Three robots with their own cameras: batched image requests get each robot's unbatched chunk."""
+    histories = [[image_observations(2, seed=10 * r + k) for k in range(3)] for r in range(3)]  # 3 robots, 3 requests
+
+    def run(url):
+        clients = [RemotePolicy(url) for _ in histories]
+        barrier = threading.Barrier(len(clients))
+        actions, timings = [[] for _ in clients], []
+
+        def robot(r):
+            barrier.wait()
+            for k, steps in enumerate(histories[r]):
+                reply = clients[r].infer([clients[r].observation(o) for o in steps], reset=k == 0,
+                                         seed=100 + r if k == 0 else None)
+                actions[r].append(reply["action"])
+                timings.append(reply["timing"])
+
+        threads = [threading.Thread(target=robot, args=(r,)) for r in range(len(clients))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        for c in clients:
+            c.close()
+        return [np.stack(a) for a in actions], timings
+
+    with serve(lift_image, max_batch=3, max_wait_ms=2000) as server:
+        batched, timing_on = run(server.url)
+    with serve(lift_image, max_batch=3, max_wait_ms=0) as server:
+        alone, timing_off = run(server.url)
+    assert max(t["batch"] for t in timing_on) == 3 and {t["batch"] for t in timing_off} == {1}
+    for r in range(3):
+        assert batched[r].shape == (3, 8, 7)
+        np.testing.assert_allclose(batched[r], alone[r], atol=1e-5, rtol=0)
+    assert not np.allclose(batched[0], batched[1], atol=1e-2)
+
+
+def test_bad_image_input_is_refused_by_name_and_oversize_requests_never_leave_the_client(lift_image):
+    from websockets.exceptions import ConnectionClosed
+
+    good = image_observations(3, seed=5)
+    compact = [{k: v for k, v in o.items() if k != "object-state"} for o in good]
+    cases = [
+        ({k: v for k, v in compact[0].items() if k != "agentview_image"}, "lacks camera 'agentview_image'"),
+        ({**compact[0], "agentview_image": compact[0]["agentview_image"].astype(np.int8)}, "must be uint8"),
+        ({**compact[0], "agentview_image": compact[0]["agentview_image"][:80]}, "[3, 84, 84]"),
+        (np.zeros(9, np.float32), "pass the observation dict"),
+    ]
+    limit = 64 << 10  # one step of two 84x84 cameras (42 KB) fits, two do not
+    with serve(lift_image, max_message_bytes=limit) as server:
+        ws, meta = raw_connect(server.url)
+        assert meta["max_message_bytes"] == limit
+        for k, (obs, needle) in enumerate(cases):
+            ws.send(packb({"id": k, "obs": obs}))
+            reply = unpackb(ws.recv(timeout=10))
+            assert reply["type"] == "error" and reply["code"] == "bad_request" and needle in reply["error"], (k, reply)
+            ws.send(packb({"id": f"good-{k}", "obs": compact[0], "reset": True, "seed": 1}))
+            assert unpackb(ws.recv(timeout=10))["action"].shape == (8, 7)
+        ws.send(packb({"id": 99, "obs": compact[:2]}))  # over the limit: closed with 1009
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=10)
+        assert closed.value.rcvd.code == 1009
+        with RemotePolicy(server.url) as remote:
+            with pytest.raises(ValueError, match="lacks camera"):  # checked before sending, as act() does
+                remote.act({k: v for k, v in good[0].items() if k != "robot0_eye_in_hand_image"})
+            with pytest.raises(ValueError, match=r"over the server's max_message_bytes 65536"):
+                remote.infer([remote.observation(o) for o in good[:2]], reset=True, seed=1)
+            first = remote.infer([remote.observation(good[0])], reset=True, seed=1)  # the connection is still open
+            assert first["action"].shape == (8, 7)
+    assert server.server.stats.errors == len(cases)
+
+
+@pytest.mark.slow
+def test_image_episode_through_the_server_reproduces_the_in_process_runner(lift_image, tmp_path):
+    """A rendered Lift episode (both cameras) through the server and the eval's server executor."""
+    from hydra import compose, initialize_config_module
+
+    from parapolicy.envs import make_env
+    from parapolicy.evaluation import run_eval
+    from parapolicy.evaluation.remote import run_episode
+    from parapolicy.runner import PolicyRunner
+
+    env = Recorder(make_env("lift_image", max_episode_steps=10))
+    seed = 100001
+    with serve(lift_image) as server:
+        with RemotePolicy(server.url) as remote:
+            record = run_episode(env, remote, seed)
+        remote_actions, env.actions = list(env.actions), []
+        with initialize_config_module("parapolicy.conf", version_base=None):
+            cfg = compose("eval", overrides=[f"server={server.url}", "n_episodes=1", "max_episode_steps=3",
+                                             "progress_bar=false", "env=lift_image"])
+        summary = run_eval(cfg, tmp_path)
+    vec = gym.vector.SyncVectorEnv([lambda: env], autoreset_mode=gym.vector.AutoresetMode.DISABLED)
+    (local,) = PolicyRunner(vec, lift_image).run_batch([seed])
+    vec.close()
+    assert record["error"] is None and record["length"] == local["length"] == 10 and len(record["calls"]) == 2
+    assert np.array_equal(np.stack(remote_actions), np.stack(env.actions))
+    run = summary["runs"]["ddim@server"]
+    assert run["n_episodes"] == 1 and run["n_calls"] == 1 and run["server_latency_ms"]["p50"] > 0

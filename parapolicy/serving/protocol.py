@@ -10,14 +10,17 @@ server -> client, right after connecting::
 
     {"type": "metadata", "protocol": 1, "obs_keys": [...], "obs_key_dims": [...] | null, "obs_dim": 23,
      "action_dim": 7, "horizon": 16, "n_obs_steps": 2, "n_action_steps": 8, "sampler": {...},
-     "checkpoint": {...}, "batching": {"max_batch", "max_wait_ms"}, "deadline_ms", "max_message_bytes"}
+     "checkpoint": {...}, "batching": {"max_batch", "max_wait_ms"}, "deadline_ms", "max_message_bytes",
+     "image_keys": [...], "image_shape": [3, H, W] | null}   # image policies: the cameras they see
 
 client -> server, a request::
 
     {"type": "infer",            # optional, the only request type
      "id": 17,                   # int or str, echoed in the reply
      "obs": ...,                 # one observation (robosuite obs dict or flat [obs_dim] array) or a list /
-                                 # [k, obs_dim] array of them, oldest first: the steps since the last request
+                                 # [k, obs_dim] array of them, oldest first: the steps since the last request;
+                                 # an image policy's are dicts holding its cameras' uint8 frames
+                                 # ([H, W, 3] or [3, H, W]) beside the low-dim keys
      "reset": false,             # optional: start a new episode (history, warm start, generator)
      "seed": 100000,             # optional, with reset: seeds this robot's torch.Generator
      "deadline_ms": 200.0}       # optional: latency budget of this request (default: the server's)
@@ -79,6 +82,7 @@ class BadRequest(ValueError):
 class Request:
     id: int | str
     observations: list[np.ndarray]  # flat float32 [obs_dim] each, oldest first
+    images: list[dict[str, np.ndarray]] | None = None  # image policies: {key: uint8 [3, H, W]} per observation
     reset: bool = False
     seed: int | None = None
     deadline_ms: float | None = None
@@ -120,9 +124,11 @@ def _split_observations(obs: Any) -> list[Any]:
     raise ValueError(f"obs must be an observation dict, an array or a list of them, got {type(obs).__name__}")
 
 
-def parse_request(message: Any, flatten: Callable[[Any], np.ndarray]) -> Request:
+def parse_request(message: Any, flatten: Callable[[Any], np.ndarray],
+                  frames: Callable[[Any], dict[str, np.ndarray]] | None = None) -> Request:
     """Validate a decoded request. ``flatten(obs) -> float32 [obs_dim]`` checks one observation (keys,
-    shape, NaN/inf) and raises ``ValueError`` naming the problem. Raises ``BadRequest``."""
+    shape, NaN/inf) and raises ``ValueError`` naming the problem; so does ``frames(obs) -> {key: uint8
+    [3, H, W]}``, given for image policies. Raises ``BadRequest``."""
     rid = request_id_of(message)
     if not isinstance(message, dict):
         raise BadRequest(f"a request must be a msgpack map, got {type(message).__name__}")
@@ -157,9 +163,10 @@ def parse_request(message: Any, flatten: Callable[[Any], np.ndarray]) -> Request
         if not 1 <= len(raw) <= MAX_OBS_PER_REQUEST:
             raise ValueError(f"obs holds {len(raw)} observations, expected 1..{MAX_OBS_PER_REQUEST}")
         observations = [flatten(o) for o in raw]
+        images = None if frames is None else [frames(o) for o in raw]
     except ValueError as err:
         raise BadRequest(f"bad obs: {err}", rid) from None
-    request = Request(rid, observations, reset, seed, None if deadline is None else float(deadline))
+    request = Request(rid, observations, images, reset, seed, None if deadline is None else float(deadline))
     if V2_KEYS & set(message):
         _parse_v2(message, request, rid)
     return request
@@ -219,6 +226,31 @@ def flatten_observation(obs: Any, obs_keys: list[str], obs_dim: int) -> np.ndarr
     if not np.isfinite(flat).all():
         raise ValueError("observation contains NaN or inf")
     return flat
+
+
+def image_observation(obs: Any, obs_keys: list[str], obs_dim: int, image_keys: list[str],
+                      image_shape: list[int]) -> dict[str, np.ndarray]:
+    """An image policy's observation, checked as ``DiffusionPolicy.act`` does, reduced to what the server
+    reads: ``{obs_key: float32 [...], image_key: uint8 [3, H, W]}`` (robosuite's other keys stay home;
+    two 84x84 cameras are 42 KB a step)."""
+    if not isinstance(obs, Mapping):
+        raise ValueError(f"this policy sees cameras {list(image_keys)}: pass the observation dict, not an array")
+    flatten_observation(obs, obs_keys, obs_dim)  # keys, size, NaN/inf
+    kept = {}
+    for key in obs_keys:
+        value = obs[key] if key in obs else obs[OBS_KEY_ALIASES.get(key, key)]
+        kept[key] = np.asarray(value, dtype=np.float32)
+    for key in image_keys:
+        if key not in obs:
+            raise ValueError(f"observation dict lacks camera {key!r} (policy needs {list(image_keys)})")
+        frame = np.asarray(obs[key])
+        if frame.ndim == 3 and frame.shape[-1] == 3 and frame.shape[0] != 3:
+            frame = frame.transpose(2, 0, 1)  # upright [H, W, 3] -> channel-first
+        if list(frame.shape) != list(image_shape) or frame.dtype != np.uint8:
+            raise ValueError(f"obs[{key!r}] must be uint8 [H, W, 3] or [3, H, W] with [3, H, W] = "
+                             f"{list(image_shape)}, got {frame.dtype} {list(np.shape(obs[key]))}")
+        kept[key] = np.ascontiguousarray(frame)
+    return kept
 
 
 def error_reply(code: str, message: str, request_id: Any = None) -> dict:

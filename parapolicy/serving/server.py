@@ -4,7 +4,8 @@ Each websocket connection is one robot. Its ``RobotSession`` keeps the observati
 previous call's sample (warm starts) and its own ``torch.Generator`` (seeded at reset when the client
 sends a seed). Requests from different connections that arrive within ``max_wait_ms`` of the first
 waiting one (up to ``max_batch``; no wait once every connected robot is waiting) are planned in one
-``predict_action`` call on a ``[B, n_obs_steps, obs_dim]`` batch. Every robot draws its own ``x_T [1, H, A]`` and step noise ``[N, 1, H, A]`` from its
+``predict_action`` call on a ``[B, n_obs_steps, obs_dim]`` batch (image policies: with each camera's
+``[B, n_obs_steps, 3, H, W]`` uint8 frames, encoded in the same call). Every robot draws its own ``x_T [1, H, A]`` and step noise ``[N, 1, H, A]`` from its
 generator, in the order ``parapolicy.runner.PolicyRunner`` draws them, so a robot gets the chunk it
 would get alone: exactly for sequential samplers (up to float rounding of a larger batch), within the
 sampler's tolerance for parallel ones (a Picard window advances by the slowest row of the batch, so a
@@ -82,7 +83,7 @@ def _obs_key_dims(config) -> list[int] | None:
 
 
 class RobotSession:
-    """One connection's state: observation history, warm-start sample, generator."""
+    """One connection's state: observation history (and camera frames), warm-start sample, generator."""
 
     def __init__(self, conn_id: int, n_obs_steps: int):
         self.conn_id = conn_id
@@ -94,16 +95,24 @@ class RobotSession:
         self.seed = secrets.randbits(63) if seed is None else int(seed)
         self.generator = torch.Generator().manual_seed(self.seed)
         self.history: deque[np.ndarray] = deque(maxlen=self.n_obs_steps)
+        self.image_history: deque[dict[str, np.ndarray]] = deque(maxlen=self.n_obs_steps)  # image policies
         self.previous_sample: torch.Tensor | None = None  # warm starts never cross episodes
         self.previous_chunk: np.ndarray | None = None  # [H, A] raw units, the last chunk planned (protocol v2)
 
-    def observe(self, observations: list[np.ndarray]) -> None:
-        """Append flat observations (oldest first); the first after a reset fills the history, as act() does."""
-        for flat in observations:
-            if not self.history:
-                self.history.extend([flat] * self.n_obs_steps)
-            else:
-                self.history.append(flat)
+    def observe(self, observations: list[np.ndarray], images: list[dict[str, np.ndarray]] | None = None) -> None:
+        """Append flat observations (oldest first) and, for image policies, their frames {key: uint8
+        [3, H, W]}; the first after a reset fills the history, as act() does."""
+        for k, flat in enumerate(observations):
+            fill = 1 if self.history else self.n_obs_steps
+            self.history.extend([flat] * fill)
+            if images is not None:
+                self.image_history.extend([images[k]] * fill)
+
+    def stacked_images(self) -> dict[str, np.ndarray] | None:
+        """The frames of the history: {key: uint8 [n_obs_steps, 3, H, W]}, or None (no cameras)."""
+        if not self.image_history:
+            return None
+        return {key: np.stack([step[key] for step in self.image_history]) for key in self.image_history[0]}
 
 
 @dataclasses.dataclass
@@ -114,6 +123,7 @@ class _Pending:
     future: asyncio.Future
     started: float = 0.0  # perf_counter when its batch went to the model
     request: Request | None = None  # protocol v2 options (prefix, candidates, chunk)
+    images: dict[str, np.ndarray] | None = None  # image policies: {key: uint8 [n_obs_steps, 3, H, W]}
 
     def signature(self, warm_start: bool) -> tuple:
         """Requests plan together when they agree on what ``predict_action`` does for all rows at once."""
@@ -217,6 +227,7 @@ class PolicyServer:
             "device": str(policy.device), "torch_threads": torch.get_num_threads(),
             "batching": {"max_batch": self.max_batch, "max_wait_ms": self.max_wait_ms},
             "deadline_ms": self.deadline_ms, "max_message_bytes": self.max_message_bytes,
+            "image_keys": list(cfg.image_keys or []), "image_shape": list(cfg.image_shape) if cfg.image_keys else None,
         }
 
     # ------------------------------------------------------------------ lifecycle
@@ -336,21 +347,23 @@ class PolicyServer:
             if isinstance(raw, str):
                 raise CodecError("expected binary msgpack frames, got a text frame")
             message = unpackb(raw)
-            request = parse_request(message, self.policy._flat_obs)
+            frames = self.policy._obs_images if self.policy.config.image_keys else None
+            request = parse_request(message, self.policy._flat_obs, frames)
         except (CodecError, BadRequest) as err:
             self.stats.errors += 1
             code = "bad_request" if isinstance(err, BadRequest) else "bad_message"
             return error_reply(code, str(err), getattr(err, "request_id", None))
         if request.reset:
             robot.reset(request.seed)
-        robot.observe(request.observations)
+        robot.observe(request.observations, request.images)
         robot.requests += 1
         cfg = self.policy.config
         if request.prefix is not None and (request.prefix.shape[1] != cfg.action_dim or len(request.prefix) > cfg.horizon):
             self.stats.errors += 1
             return error_reply("bad_request", f"'prefix' must be [L <= {cfg.horizon}, {cfg.action_dim}], got "
                                f"{list(request.prefix.shape)}", request.id)
-        pending = _Pending(robot, np.stack(robot.history), received, self._loop.create_future(), request=request)
+        pending = _Pending(robot, np.stack(robot.history), received, self._loop.create_future(), request=request,
+                           images=robot.stacked_images())
         self._pending.append(pending)
         self._arrived.set()
         result = await pending.future
@@ -431,6 +444,9 @@ class PolicyServer:
                 history = torch.from_numpy(np.stack([batch[i].history for i in rows])).repeat_interleave(m, 0)
                 warm_from = torch.cat([batch[i].robot.previous_sample for i in rows]) if warm else None
                 kwargs = {}
+                if batch[rows[0]].images is not None:  # {key: [B * m, n_obs_steps, 3, H, W]} uint8
+                    kwargs["images"] = {key: torch.from_numpy(np.stack([batch[i].images[key] for i in rows]))
+                                        .repeat_interleave(m, 0) for key in batch[rows[0]].images}
                 if prefix_len:
                     requests = [batch[i].request for i in rows]
                     kwargs["prefix"] = torch.from_numpy(np.stack([r.prefix for r in requests])).repeat_interleave(m, 0)
