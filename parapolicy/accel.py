@@ -45,6 +45,11 @@ plain path to float32 rounding (~1e-6), and do not depend on the padding's conte
     policy.enable_fast_path(False)                 # plain path
     policy.fast_path = "auto"                      # the default: on for CUDA, off on CPU
 
+An image policy's observation encoder, run once per ``predict_action`` call before sampling, has a
+fast path of its own (``FastPath.encoder``, ``parapolicy.accel_encoder``): per batch size, the fastest
+CPU backend checked against eager within ``atol``, or a CUDA graph; ``global_condition(policy, ...)``
+is the conditioning through it, and ``warm_up`` prepares it with the denoiser's shapes.
+
 The graphs hold pointers to the model's parameters and to the buffers: loading weights in place
 (``load_state_dict``) is fine; moving the model (``.to(...)``) invalidates them and they are
 recaptured on the next call. Frozen CPU graphs hold a copy of the weights: they are rebuilt when a
@@ -61,6 +66,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
+
+from parapolicy.accel_encoder import EncoderFastPath
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -242,6 +249,7 @@ class FastPath:
         self._model_key = None
         self._compiled: Optional[Callable] = None
         self._token = 0
+        self.encoder = EncoderFastPath(self)  # an image policy's observation encoder (parapolicy.accel_encoder)
 
     # ------------------------------------------------------------------ public
     def options(self) -> dict:
@@ -253,6 +261,10 @@ class FastPath:
 
     def reset(self) -> None:
         """Drop every buffer, graph and compiled function (they are rebuilt on the next call)."""
+        self._reset_denoiser()
+        self.encoder.reset()
+
+    def _reset_denoiser(self) -> None:
         self._runners.clear()
         self._compiled = None
         self._model_key = None
@@ -302,7 +314,7 @@ class FastPath:
                 versions = -1
         key = (id(model), first.device, first.data_ptr(), versions)
         if key != self._model_key:
-            self.reset()
+            self._reset_denoiser()
             self._model_key = key
 
     def _forward_fn(self, model: nn.Module, device: Optional[torch.device] = None) -> Callable:
@@ -400,7 +412,6 @@ class FastPath:
         """Measure every candidate backend at this shape (the runner's buffers hold real inputs and
         zero padding) and keep the fastest one that gives eager's output within ``atol``."""
         shape = f"K{bucket}xB{batch}"
-        start = time.perf_counter()
         inputs = (runner.x.clone(), runner.t.clone(), runner.cond.clone())
         gen = torch.Generator(device=runner.x.device).manual_seed(0)
         probe = (torch.randn(runner.x.shape, generator=gen, device=runner.x.device),
@@ -413,6 +424,14 @@ class FastPath:
         if self.pad is False and len(candidates) > 1:  # a graph backend needs the bucket's fixed shape
             self.stats.notes.append(f"{shape}: pad=False runs eagerly (trace / compile need the padded bucket)")
             candidates = ("eager",)
+        runner.backend, runner.fn = self.pick_backend(shape, model, inputs, probe, candidates)
+
+    def pick_backend(self, shape: str, model: nn.Module, inputs: tuple, probe: tuple,
+                     candidates: Sequence[str]) -> tuple[str, Callable]:
+        """The fastest of ``candidates`` for ``model(*inputs)`` at this (static) shape that gives eager's
+        output within ``atol`` on ``inputs`` and on ``probe`` (other values, same shapes): ``(name,
+        callable)``. Recorded in ``stats`` under ``shape``; also used for the image encoder."""
+        start = time.perf_counter()
         reference = [model(*inputs), model(*probe)]
         timings: dict[str, Optional[float]] = {}
         built: dict[str, Callable] = {}
@@ -453,10 +472,10 @@ class FastPath:
             best = self.forced if self.forced in built else "eager"
         else:
             best = min(built, key=lambda n: timings[n])
-        runner.backend, runner.fn = best, built[best]
         self.stats.backends[shape] = best
         self.stats.candidates_ms[shape] = timings
         self.stats.warmup_s[shape] = time.perf_counter() - start
+        return best, built[best]
 
     @torch.inference_mode()
     def prepare(self, model: nn.Module, global_cond: torch.Tensor, event: Sequence[int], sampler: Any = None) -> dict:
@@ -579,6 +598,15 @@ def active_fast_path(policy: Any, device: Any = None) -> Optional[FastPath]:
     return None
 
 
+def global_condition(policy: Any, obs_history: torch.Tensor, images: Any = None) -> torch.Tensor:
+    """What ``DiffusionPolicy.predict_action`` calls for its conditioning ``[B, G]``: an image policy's
+    encoder through the active fast path (``FastPath.encoder``), else ``policy.global_condition``."""
+    fast = active_fast_path(policy, obs_history.device)
+    if fast is None or images is None:
+        return policy.global_condition(obs_history, images)
+    return fast.encoder(policy, obs_history, images)
+
+
 def warm_up(policy: Any, batch_size: int = 1) -> dict:
     """Warm the fast path of ``policy`` up for its sampler's buckets at ``batch_size`` observation
     histories per call (CPU: measure and pick the backends), so that a timed loop doesn't pay for it.
@@ -594,12 +622,12 @@ def warm_up(policy: Any, batch_size: int = 1) -> dict:
     norm = policy.normalizer.obs
     mid = ((norm.min + norm.max) / 2).to(policy.device)  # any valid observation: only shapes matter
     obs = mid.expand(int(batch_size), cfg.n_obs_steps, cfg.obs_dim)
+    before = sum(fast.stats.warmup_s.values())
     if getattr(cfg, "image_keys", None):  # image policies: the conditioning is the encoder's output
         frames = {key: torch.zeros((int(batch_size), cfg.n_obs_steps, *cfg.image_shape), dtype=torch.uint8,
                                    device=policy.device) for key in cfg.image_keys}
-        global_cond = policy.global_condition(obs, frames)
+        global_cond = global_condition(policy, obs, frames)  # CPU: picks the encoder's backend for this batch
     else:
         global_cond = norm.normalize(obs).flatten(1)
-    before = sum(fast.stats.warmup_s.values())
     backends = fast.prepare(policy.model, global_cond, (cfg.horizon, cfg.action_dim), policy.sampler)
     return {"backends": backends, "warmup_s": sum(fast.stats.warmup_s.values()) - before}

@@ -89,3 +89,21 @@ def tiny_policy(seed: int = 0, **overrides) -> DiffusionPolicy:
     policy.normalizer.obs.set_stats(-torch.linspace(1, 3, OBS_DIM), torch.linspace(2, 5, OBS_DIM))
     policy.normalizer.action.set_stats(-torch.ones(ACTION_DIM) * 0.5, torch.ones(ACTION_DIM) * 2.0)
     return policy.eval()
+
+
+CAMERAS = ["agentview_image", "robot0_eye_in_hand_image"]
+
+
+def tiny_image_policy(seed: int = 0) -> DiffusionPolicy:
+    """A randomly initialised small image policy: two 84x84 cameras (conv trunk, resized to 42x42,
+    centre-cropped to 38x38) + 9 proprioceptive features; DDIM-4."""
+    import torch
+
+    vision = dict(backbone="conv", resize_shape=[42, 42], crop_shape=[38, 38], num_kp=8, feature_dim=16)
+    config = DiffusionPolicyConfig(obs_dim=9, obs_keys=["robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos"],
+                                   image_keys=CAMERAS, vision=vision, down_dims=[16, 32], diffusion_step_embed_dim=16,
+                                   horizon=8, n_action_steps=4, num_inference_steps=4)
+    torch.manual_seed(seed)
+    policy = DiffusionPolicy(config).eval()
+    policy.set_sampler("ddim", 4)
+    return policy

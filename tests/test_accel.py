@@ -1,5 +1,6 @@
 """Denoiser fast path (parapolicy.accel): bucketing, padding, slicing, equality with the plain path,
-CPU backends (eager / TorchScript trace / torch.compile) picked per shape with a checked fallback.
+CPU backends (eager / TorchScript trace / torch.compile) picked per shape with a checked fallback; an
+image policy's encoder through the same backends (parapolicy.accel_encoder).
 
 Everything runs on CPU (graph capture is skipped there); the last test needs CUDA. The torch.compile
 test takes a minute on 2 cores and runs when PARAPOLICY_TEST_COMPILE=1.
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from parapolicy.accel import FastPath, apply_fast_path, choose_bucket, resolve_backends, resolve_buckets, warm_up
-from policy_synthetic import ACTION_DIM, OBS_DIM, tiny_policy
+from policy_synthetic import ACTION_DIM, CAMERAS, OBS_DIM, tiny_image_policy, tiny_policy
 
 torch.set_num_threads(1)
 
@@ -332,3 +333,88 @@ def test_load_policy_takes_the_fast_path_option(tmp_path):
     assert load_policy(folder, fast_path="off").fast_path is None
     with pytest.raises(ValueError, match="fast path"):
         load_policy(folder, fast_path="sometimes")
+
+
+# ------------------------------------------------------------------------------------ image encoder
+def image_plan(policy, seed=0, batch=3):
+    g = torch.Generator().manual_seed(seed)
+    obs = torch.randn(batch, 2, 9, generator=g)
+    images = {key: torch.randint(0, 256, (batch, 2, 3, 84, 84), generator=g, dtype=torch.uint8) for key in CAMERAS}
+    return policy.predict_action(obs, images=images, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("backend", ["eager", "trace", "auto"])
+def test_encoder_fast_path_matches_the_plain_path(backend):
+    """The encoder gets a backend per batch size, picked (or forced) and checked like the denoiser's;
+    new images through a prepared shape still give the plain path's plan; eager is bit for bit."""
+    policy = tiny_image_policy()
+    reference = [image_plan(policy, seed) for seed in range(2)] + [image_plan(policy, 2, batch=1)]
+    encoder_calls = []
+    policy.obs_encoder.register_forward_hook(lambda *args: encoder_calls.append(1))
+    policy.enable_fast_path(backend=backend)
+    fast = [image_plan(policy, seed) for seed in range(2)] + [image_plan(policy, 2, batch=1)]
+    stats = policy.fast_path.stats
+    assert {s for s in stats.backends if s.startswith("encoder")} == {"encoder B3", "encoder B1"}
+    for shape in ("encoder B3", "encoder B1"):
+        times = stats.candidates_ms[shape]
+        if backend == "auto":
+            assert set(times) == {"eager", "trace"} and stats.backends[shape] == min(times, key=times.get)
+        else:
+            assert stats.backends[shape] == backend
+    assert stats.notes == []
+    for got, want in zip(fast, reference):
+        if backend == "eager":
+            assert torch.equal(got["action_pred"], want["action_pred"])
+        else:
+            torch.testing.assert_close(got["action_pred"], want["action_pred"], rtol=0, atol=1e-5)
+    if backend == "trace":  # the frozen graph stands in for the module once a shape is prepared
+        encoder_calls.clear()
+        image_plan(policy, seed=5)
+        assert encoder_calls == []
+        policy.obs_encoder.train()  # training: random crops, nothing static; the plain encoder runs
+        image_plan(policy)
+        assert encoder_calls == [1]
+
+
+def test_inexact_encoder_backend_is_dropped(monkeypatch):
+    build = FastPath._build_backend
+
+    def off_by_a_bit(self, name, model, inputs):
+        fn = build(self, name, model, inputs)
+        return (lambda *args: fn(*args) + 1e-3) if name == "trace" else fn
+
+    monkeypatch.setattr(FastPath, "_build_backend", off_by_a_bit)
+    policy = tiny_image_policy()
+    reference = image_plan(policy)
+    policy.enable_fast_path(backend="trace")
+    fast = image_plan(policy)
+    stats = policy.fast_path.stats
+    assert stats.backends["encoder B3"] == "eager" and stats.candidates_ms["encoder B3"]["trace"] is None
+    assert any(note.startswith("encoder B3: trace dropped") for note in stats.notes)
+    torch.testing.assert_close(fast["action_pred"], reference["action_pred"], rtol=0, atol=1e-5)
+
+
+def test_traced_encoder_is_rebuilt_when_its_weights_or_statistics_change():
+    policy = tiny_image_policy()
+    policy.enable_fast_path(backend="trace")
+    image_plan(policy)
+    with torch.no_grad():
+        for p in policy.obs_encoder.parameters():
+            p.mul_(1.05)
+        policy.normalizer.obs.max.add_(0.5)
+    fast = image_plan(policy)
+    policy.enable_fast_path(False)
+    reference = image_plan(policy)
+    torch.testing.assert_close(fast["action_pred"], reference["action_pred"], rtol=0, atol=1e-5)
+
+
+def test_warm_up_prepares_the_encoder():
+    policy = tiny_image_policy()
+    reference = image_plan(policy, batch=2)
+    policy.enable_fast_path(backend="trace")
+    info = warm_up(policy, 2)
+    assert info["backends"] == {"encoder B2": "trace", "K1xB2": "trace"} and info["warmup_s"] > 0
+    spent = dict(policy.fast_path.stats.warmup_s)
+    out = image_plan(policy, batch=2)
+    assert policy.fast_path.stats.warmup_s == spent  # the call met prepared shapes only
+    torch.testing.assert_close(out["action_pred"], reference["action_pred"], rtol=0, atol=1e-5)

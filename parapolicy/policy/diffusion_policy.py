@@ -263,7 +263,12 @@ class DiffusionPolicy(nn.Module):
         if self.training or self.model.training:
             self.eval()  # eval crops (centre) and no dropout
         encode_start = _now(self.device)
-        global_cond = self.global_condition(obs_history, images)  # [B, n_obs_steps * feature_dim], once per call
+        if self.fast_path is not None and images is not None:  # the encoder's fast path (parapolicy.accel_encoder)
+            from parapolicy.accel import global_condition
+
+            global_cond = global_condition(self, obs_history, images)
+        else:
+            global_cond = self.global_condition(obs_history, images)  # [B, n_obs_steps * feature_dim], once per call
         encode_end = _now(self.device)
         shape = (batch, cfg.horizon, cfg.action_dim)
         if x_T is None:
