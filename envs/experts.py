@@ -337,6 +337,9 @@ def rollout(env: RobosuiteEnv, expert: ScriptedExpert, seed: int, noise_std: flo
     so an episode is reproducible); the recorded action is the expert's. Returns success, length and,
     with ``record``, the per-step raw observations, actions, states, rewards and dones.
     """
+    if getattr(env, "control", "delta") != "delta":  # the expert's deltas would be read as poses
+        raise ValueError(f"the scripted experts command OSC_POSE deltas; env {env.spec_task.name!r} takes absolute "
+                         f"poses: collect with its delta task (drive it with env.delta_to_absolute(expert.act()))")
     obs, info = env.reset(seed=seed)
     expert.reset()
     noise_rng = np.random.default_rng([seed, 7])

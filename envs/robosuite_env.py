@@ -8,8 +8,15 @@ The environment side of parapolicy: it knows nothing of diffusion. ``obs_mode`` 
 - ``hybrid``: the camera frames plus the robot's proprioception (``PROPRIO_KEYS``, float32), the inputs of
   Diffusion Policy's robomimic image tasks.
 
-Actions are the 7-dim OSC_POSE delta command in [-1, 1] (dx, dy, dz in 5 cm units, axis-angle in 0.5 rad
-units, gripper -1 open / +1 close) at 20 Hz.
+``control`` picks what an action means, at 20 Hz, 7 dims either way:
+
+- ``delta`` (default): robosuite's OSC_POSE delta command in [-1, 1] (dx, dy, dz in 5 cm units,
+  axis-angle in 0.5 rad units, gripper -1 open / +1 close);
+- ``absolute`` (the ``*_abs`` tasks): the target end-effector pose in the world frame, position (m) and
+  axis-angle (rad), then the gripper: the OSC_POSE controller with ``input_type="absolute"`` and
+  ``input_ref_frame="world"``, which is what Diffusion Policy's ``abs_action`` policies were trained for
+  (robosuite 1.4's ``control_delta=False``). ``info["hold_action"]`` is the command that keeps the arm
+  where it is.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import gymnasium as gym
 import numpy as np
@@ -33,6 +40,7 @@ class TaskSpec:
     obs_mode: str = "lowdim"      # what make_env(name) observes; image tasks see cameras (+ obs_keys if hybrid)
     cameras: tuple[str, ...] = ()
     scene: str | None = None      # the low-dim task whose robosuite scene and scripted expert it shares
+    control: str = "delta"        # what make_env(name) takes as actions: OSC_POSE "delta" or "absolute" poses
 
     @property
     def obs_dim(self) -> int:
@@ -45,6 +53,7 @@ PROPRIO_KEYS = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")
 PROPRIO_DIMS = (3, 4, 2)
 OBS_MODES = ("lowdim", "image", "hybrid")
 DEFAULT_CAMERAS = ("agentview", "robot0_eye_in_hand")  # robomimic's and Diffusion Policy's image tasks
+CONTROLS = ("delta", "absolute")
 
 TASKS: dict[str, TaskSpec] = {
     "square": TaskSpec("square", "NutAssemblySquare", _LOW_DIM, (14, 3, 4, 2)),
@@ -56,6 +65,9 @@ TASKS: dict[str, TaskSpec] = {
     "square_image": TaskSpec("square_image", "NutAssemblySquare", PROPRIO_KEYS, PROPRIO_DIMS, obs_mode="hybrid",
                              cameras=DEFAULT_CAMERAS, scene="square"),
 }
+# The same tasks driven by absolute end-effector poses (Diffusion Policy's abs_action policies): <task>_abs.
+TASKS.update({f"{name}_abs": replace(spec, name=f"{name}_abs", scene=spec.scene or name, control="absolute")
+              for name, spec in list(TASKS.items())})
 
 
 def get_task(name: str) -> TaskSpec:
@@ -113,11 +125,14 @@ def image_key(camera: str) -> str:
     return f"{camera}_image"
 
 
-def robosuite_kwargs(spec: TaskSpec, seed: int | None, cameras=(), camera_size: tuple[int, int] = (84, 84)) -> dict:
+def robosuite_kwargs(spec: TaskSpec, seed: int | None, cameras=(), camera_size: tuple[int, int] = (84, 84),
+                     control: str = "delta") -> dict:
     """The ``suite.make`` arguments of our tasks (also stored as ``env_args`` in datasets).
 
     ``cameras``: robosuite renders each as an observation ``<camera>_image`` (uint8 ``[H, W, 3]``, rows
     bottom-up) at every control step; none means no renderer at all (~15x faster steps here).
+    ``control="absolute"`` adds ``controller_configs``: the Panda's default composite controller with its
+    arm's OSC_POSE taking absolute poses in the world frame (delta keeps robosuite's default, no key).
     """
     kwargs = dict(
         env_name=spec.robosuite_env,
@@ -137,7 +152,26 @@ def robosuite_kwargs(spec: TaskSpec, seed: int | None, cameras=(), camera_size: 
         height, width = camera_size
         kwargs.update(has_offscreen_renderer=True, use_camera_obs=True, camera_names=list(cameras),
                       camera_heights=int(height), camera_widths=int(width), camera_depths=False)
+    if control not in CONTROLS:
+        raise ValueError(f"control must be one of {', '.join(CONTROLS)}, got {control!r}")
+    if control == "absolute":
+        kwargs["controller_configs"] = absolute_controller_config(kwargs["robots"])
     return kwargs
+
+
+def absolute_controller_config(robot: str = "Panda") -> dict:
+    """robosuite 1.5's composite controller config for ``robot`` with every arm's OSC_POSE part set to
+    absolute world-frame poses (``input_type="absolute"``, ``input_ref_frame="world"``; robosuite 1.4 had
+    one flag, ``control_delta=False``, and world-frame goals). Gains and limits stay the defaults."""
+    from robosuite.controllers import load_composite_controller_config
+
+    config = load_composite_controller_config(robot=robot)
+    arms = [part for part in config["body_parts"].values() if part.get("type") == "OSC_POSE"]
+    if not arms:
+        raise ValueError(f"{robot}'s default controller has no OSC_POSE arm: {sorted(config['body_parts'])}")
+    for part in arms:
+        part.update(input_type="absolute", input_ref_frame="world")
+    return config
 
 
 class RobosuiteEnv(gym.Env):
@@ -166,8 +200,11 @@ class RobosuiteEnv(gym.Env):
 
     def __init__(self, task: str = "square", max_episode_steps: int | None = None, model_seed: int = 0,
                  render_mode: str | None = None, camera: str = "agentview", render_size: int | tuple = 256,
-                 obs_mode: str | None = None, cameras=None, camera_size: int | tuple = 84):
+                 obs_mode: str | None = None, cameras=None, camera_size: int | tuple = 84, control: str | None = None):
         self.spec_task = get_task(task)
+        self.control = control or self.spec_task.control
+        if self.control not in CONTROLS:
+            raise ValueError(f"control must be one of {', '.join(CONTROLS)}, got {self.control!r}")
         obs_mode = obs_mode or self.spec_task.obs_mode
         if obs_mode not in OBS_MODES:
             raise ValueError(f"obs_mode must be one of {', '.join(OBS_MODES)}, got {obs_mode!r}")
@@ -189,7 +226,7 @@ class RobosuiteEnv(gym.Env):
         self.render_size = (int(render_size), int(render_size)) if isinstance(render_size, int) else tuple(render_size)
         # model_seed fixes construction-time randomness (Lift's cube size is drawn from env.rng in
         # suite.make), so that every instance builds the same model and reset(seed) alone decides.
-        kwargs = robosuite_kwargs(self.spec_task, model_seed, self.cameras, self.camera_size)
+        kwargs = robosuite_kwargs(self.spec_task, model_seed, self.cameras, self.camera_size, self.control)
         self._make_kwargs = kwargs
         make_kwargs = {k: v for k, v in kwargs.items() if k != "env_name"}
         if render_mode == "rgb_array":  # video frames come from render(), at their own size
@@ -206,9 +243,14 @@ class RobosuiteEnv(gym.Env):
             if name not in known:
                 raise ValueError(f"camera {name!r} is not in {task}; cameras: {', '.join(known)}")
         self.observation_space = self._observation_space()
-        self.action_space = gym.spaces.Box(-1.0, 1.0, shape=(7,), dtype=np.float32)
+        if self.control == "absolute":  # position (m) and axis-angle (rad) unbounded, the gripper in [-1, 1]
+            bound = np.array([np.inf] * 6 + [1.0], dtype=np.float32)
+            self.action_space = gym.spaces.Box(-bound, bound, dtype=np.float32)
+        else:
+            self.action_space = gym.spaces.Box(-1.0, 1.0, shape=(7,), dtype=np.float32)
         self._raw_obs: dict | None = None
         self._steps = 0
+        self._gripper = -1.0  # the last gripper command; robosuite's gripper starts open
 
     # --- gymnasium API -------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict | None = None):
@@ -220,10 +262,16 @@ class RobosuiteEnv(gym.Env):
         self._make_render_context_current()
         self._raw_obs = self._upright(self.robosuite_env.reset())
         self._steps = 0
-        return self._obs(), {"is_success": False}
+        self._gripper = -1.0
+        return self._obs(), self._info(False)
 
     def step(self, action):
-        action = np.clip(np.asarray(action, dtype=np.float64).reshape(7), -1.0, 1.0)
+        action = np.asarray(action, dtype=np.float64).reshape(7)
+        if self.control == "absolute":  # a pose is not a normalised command: only the gripper is clipped
+            action = np.concatenate([action[:6], np.clip(action[6:], -1.0, 1.0)])
+        else:
+            action = np.clip(action, -1.0, 1.0)
+        self._gripper = float(action[6])
         self._steps += 1
         truncated = self._steps >= self.max_episode_steps
         try:
@@ -237,7 +285,7 @@ class RobosuiteEnv(gym.Env):
             obs = self._zero_obs()
             return obs, 0.0, True, truncated, {"is_success": False, "error": f"{type(err).__name__}: {err}"}
         success = bool(self.robosuite_env._check_success())
-        return obs, float(reward), success, truncated, {"is_success": success}
+        return obs, float(reward), success, truncated, self._info(success)
 
     def render(self):
         """The current view of ``camera``, uint8 ``[H, W, 3]`` (``render_mode="rgb_array"``), else None."""
@@ -249,6 +297,52 @@ class RobosuiteEnv(gym.Env):
         return np.ascontiguousarray(frame[::-1])  # OpenGL's rows run bottom-up
 
     # --- extras for experts, datasets and policies ----------------------------------------------
+    @property
+    def hold_action(self) -> np.ndarray:
+        """The command that keeps the arm where it is now, gripper as last commanded, float32 ``[7]``: a zero
+        delta, or (``control="absolute"``) the observed pose of the controller's frame (the grip site:
+        ``robot0_eef_pos``, ``robot0_eef_quat_site``) as position and axis-angle, about the goal a zero delta
+        sets (that one is read one physics substep later, see ``_arm_pose``; refreshing the pose here, after
+        the step, would itself change the next step by ~1e-5 m)."""
+        if self.control == "delta":
+            return np.array([0.0] * 6 + [self._gripper], dtype=np.float32)
+        from robosuite.utils.transform_utils import quat2mat
+
+        rotation = quat2mat(np.asarray(self._raw_obs["robot0_eef_quat_site"], dtype=np.float64))
+        return np.concatenate([self._raw_obs["robot0_eef_pos"], _axis_angle(rotation), [self._gripper]]).astype(np.float32)
+
+    def delta_to_absolute(self, delta_action) -> np.ndarray:
+        """The absolute command ``[7]`` that moves the arm now as the OSC_POSE delta command ``delta_action``
+        ``[7]`` would (robosuite's delta mode: the goal is the current pose moved by the scaled delta, in the
+        robot base's axes): how a scripted delta expert drives an absolute env. Gripper passed through."""
+        from robosuite.utils.transform_utils import axisangle2quat, quat2mat
+
+        delta = np.asarray(delta_action, dtype=np.float64).reshape(7)
+        arm = self._arm()
+        scaled = arm.scale_action(np.clip(delta[:6], -1.0, 1.0))  # m and rad, with the controller's own limits
+        base = np.asarray(arm.origin_ori, dtype=np.float64)  # base -> world rotation
+        position, rotation = self._arm_pose()
+        turn = base @ quat2mat(axisangle2quat(scaled[3:6])) @ base.T  # the delta rotation, in world axes
+        return np.concatenate([position + base @ scaled[:3], _axis_angle(turn @ rotation),
+                               [np.clip(delta[6], -1.0, 1.0)]]).astype(np.float32)
+
+    def _arm(self):
+        return self.robosuite_env.robots[0].part_controllers["right"]
+
+    def _arm_pose(self) -> tuple[np.ndarray, np.ndarray]:
+        """(position [3], rotation [3, 3]) of the controller's frame in the world as the next step's set_goal
+        sees it (refreshed by sim.forward(), as set_goal refreshes it). The observation's eef pose predates
+        the last physics substep's integration (~0.2 mm behind at 10 cm/s). Call it right before a step."""
+        arm = self._arm()
+        arm.update(force=True)
+        return np.array(arm.ref_pos, dtype=np.float64), np.array(arm.ref_ori_mat, dtype=np.float64)
+
+    def _info(self, success: bool) -> dict:
+        info = {"is_success": success}
+        if self.control == "absolute":  # a vector env's runner reads it to hold an arm still
+            info["hold_action"] = self.hold_action
+        return info
+
     @property
     def raw_obs(self) -> dict:
         """The last robosuite observation dict (what ``policy.act`` also accepts)."""
@@ -318,6 +412,15 @@ class RobosuiteEnv(gym.Env):
             context.gl_ctx.make_current()
 
 
+def _axis_angle(rotation: np.ndarray) -> np.ndarray:
+    """A rotation matrix ``[3, 3]`` -> axis-angle ``[3]`` with the angle in [0, pi] (robosuite's helpers)."""
+    from robosuite.utils.transform_utils import mat2quat, quat2axisangle
+
+    quat = mat2quat(rotation)  # (x, y, z, w)
+    quat *= np.sign(quat[3]) or 1.0
+    return quat2axisangle(quat)
+
+
 def _choose_gl_backend() -> None:
     """Pick the offscreen OpenGL backend the videos use (EGL, then OSMesa) unless robosuite is imported."""
     import sys
@@ -337,8 +440,9 @@ GYM_IDS = {name: f"parapolicy/{name.title().replace('_', '')}-v0" for name in TA
 
 
 def register_envs() -> None:
-    """Register ``parapolicy/Square-v0``, ``parapolicy/Lift-v0``, ``parapolicy/Can-v0``, and the image
-    tasks ``parapolicy/LiftImage-v0``, ``parapolicy/SquareImage-v0``."""
+    """Register ``parapolicy/Square-v0``, ``parapolicy/Lift-v0``, ``parapolicy/Can-v0``, the image
+    tasks ``parapolicy/LiftImage-v0``, ``parapolicy/SquareImage-v0``, and each with absolute control
+    (``parapolicy/SquareAbs-v0``, ..., ``parapolicy/SquareImageAbs-v0``)."""
     for name, env_id in GYM_IDS.items():
         if env_id not in gym.registry:
             gym.register(id=env_id, entry_point="parapolicy.envs.robosuite_env:RobosuiteEnv",

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from parapolicy.devices import synchronize as _sync
+from parapolicy.policy.action_space import from_env_action, to_env_action
 from parapolicy.policy.diffusion_policy import OBS_KEY_ALIASES
 
 
@@ -183,7 +184,10 @@ class PolicyRunner:
         H, A, start = cfg.horizon, cfg.action_dim, cfg.action_start
         transition, realtime = self.transition, self.timing != "sync"
         padded = list(seeds) + [seeds[-1]] * (self.n_envs - n)  # idle envs replay a seed, results unused
-        obs, _ = self.envs.reset(seed=padded)
+        obs, reset_info = self.envs.reset(seed=padded)
+        # absolute-pose policies (action_space absolute_rot6d): the env takes poses, holds are the current pose
+        space = getattr(cfg, "action_space", "delta")
+        holds = _hold_commands(reset_info, None, space)  # [n_envs, 7] env commands keeping each arm still, or None
         history = [deque([row_of(obs, i)] * cfg.n_obs_steps, maxlen=cfg.n_obs_steps) for i in range(n)]
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
         latency_rng = self.latency.generator(int(seeds[0]))  # a batch shares its calls' latency
@@ -222,8 +226,9 @@ class PolicyRunner:
                 on_episode(i, records[i])
 
         def hold_action(i: int) -> np.ndarray:
-            """The controller's stay-in-place command: zero arm delta, the gripper kept as last commanded."""
-            action = np.zeros(A, dtype=np.float32)
+            """The controller's stay-in-place command: zero arm delta (absolute poses: the arm's current pose),
+            the gripper kept as last commanded."""
+            action = np.zeros(A, dtype=np.float32) if holds is None else from_env_action(holds[i], space)
             action[-1] = last_gripper[i]
             return action
 
@@ -381,7 +386,13 @@ class PolicyRunner:
                 elif kind == "hold" and realtime:
                     records[i]["hold_steps"] += 1
             stepped = [int(i) for i in idx]
-            obs, reward, terminated, truncated, info = self.envs.step(step_actions)
+            if holds is not None:  # poses to robosuite's absolute commands; idle envs hold where they are
+                env_actions = to_env_action(step_actions, space)
+                env_actions[~active] = holds[~active]
+                obs, reward, terminated, truncated, info = self.envs.step(env_actions)
+                holds = _hold_commands(info, holds, space)
+            else:
+                obs, reward, terminated, truncated, info = self.envs.step(step_actions)
             t += 1
             for i in idx:
                 rec = records[i]
@@ -394,6 +405,27 @@ class PolicyRunner:
                     finish(i, error or None)
             call_hook(stepped)
         return records[:n]
+
+
+def _hold_commands(info: dict, previous: np.ndarray | None, space: str) -> np.ndarray | None:
+    """The envs' ``info["hold_action"]`` rows (absolute control: each arm's current pose as a command),
+    ``[n_envs, 7]``, keeping ``previous`` rows the step did not report (an env that failed); None for delta
+    policies. Refuses a policy and env that disagree on what an action is."""
+    reported = info.get("hold_action")
+    if (space == "delta") != (reported is None) and previous is None:
+        if space == "delta":
+            raise ValueError("the env takes absolute poses (control='absolute', a *_abs task) but the policy "
+                             "plans OSC_POSE deltas (action_space='delta'): use the task without _abs")
+        raise ValueError(f"the policy plans absolute poses (action_space={space!r}) but the env takes OSC_POSE "
+                         f"deltas: use its *_abs task (control='absolute'), e.g. env=square_abs")
+    if reported is None:
+        return previous
+    reported = np.asarray(reported, dtype=np.float32)
+    if previous is None:
+        return reported.copy()
+    rows = np.asarray(info.get("_hold_action", np.ones(len(reported), bool)), dtype=bool)
+    previous[rows] = reported[rows]
+    return previous
 
 
 def with_sampler(policy, name: str, num_inference_steps: int | None = None, **options):

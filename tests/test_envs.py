@@ -18,7 +18,8 @@ def env_for(task):
 
 
 def test_unknown_task_lists_known_ones():
-    with pytest.raises(ValueError, match="unknown env 'sqaure'.*can, lift, lift_image, square, square_image"):
+    with pytest.raises(ValueError, match="unknown env 'sqaure'.*can, can_abs, lift, lift_abs, lift_image, "
+                                         "lift_image_abs, square, square_abs, square_image, square_image_abs"):
         get_task("sqaure")
 
 
@@ -105,3 +106,19 @@ def test_gymnasium_registration_and_async_vector_env():
         np.testing.assert_allclose(obs[1], single.reset(seed=5)[0])
     finally:
         envs.close()
+
+
+def test_absolute_control_is_robosuites_absolute_world_frame_osc():
+    import json
+
+    env = make_env("lift_abs", max_episode_steps=5)
+    arm = env.robosuite_env.robots[0].part_controllers["right"]
+    assert (env.control, arm.input_type, arm.input_ref_frame) == ("absolute", "absolute", "world")
+    assert env.action_space.shape == (7,) and np.isinf(env.action_space.high[:6]).all() and env.action_space.high[6] == 1
+    _, info = env.reset(seed=0)
+    assert set(info) == {"is_success", "hold_action"} and info["hold_action"].shape == (7,)
+    args = json.loads(env.env_args())["env_kwargs"]
+    assert args["controller_configs"]["body_parts"]["right"]["input_type"] == "absolute"
+    # the delta tasks keep robosuite's default controller: their datasets' env_args do not change
+    assert "controller_configs" not in json.loads(env_for("lift").env_args())["env_kwargs"]
+    assert env_for("lift").robosuite_env.robots[0].part_controllers["right"].input_type == "delta"

@@ -188,7 +188,8 @@ def run_server_eval(cfg: DictConfig, out_dir: Path) -> dict:
 
 def check_policy_fits_task(config, task_name: str, checkpoint) -> None:
     """ValueError unless the task gives what the policy reads: its low-dim vector (``obs_dim``; the
-    proprioception of an image task) and a ``<camera>_image`` for each of its ``image_keys``."""
+    proprioception of an image task) and a ``<camera>_image`` for each of its ``image_keys``, and takes
+    the actions it plans (OSC_POSE deltas, or absolute poses: a ``*_abs`` task)."""
     from parapolicy.envs.robosuite_env import get_task
 
     task = get_task(task_name)
@@ -199,6 +200,11 @@ def check_policy_fits_task(config, task_name: str, checkpoint) -> None:
     if missing:
         raise ValueError(f"checkpoint {checkpoint} reads the images {missing}, env {task_name!r} has the cameras "
                          f"{list(task.cameras) or 'none'}: an image policy needs its image task (e.g. env=lift_image)")
+    space = getattr(config, "action_space", "delta")
+    if (space == "delta") != (task.control == "delta"):  # a pose sent as a delta (or back) is a wild command
+        fix = f"{task_name}_abs" if space != "delta" else task_name.removesuffix("_abs")
+        raise ValueError(f"checkpoint {checkpoint} plans {'absolute poses' if space != 'delta' else 'OSC_POSE deltas'} "
+                         f"(action_space={space!r}), env {task_name!r} takes {task.control} commands: use env={fix}")
 
 
 def _task_obs_dim(task: str) -> int:

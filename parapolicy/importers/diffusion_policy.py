@@ -266,10 +266,12 @@ def build_config(ckpt: DPCheckpoint, weights: Mapping[str, torch.Tensor]) -> tup
 
     obs_keys = get("task.obs_keys", get("task.env_runner.obs_keys", [])) or []
     task_name = get("task.task_name", get("task_name"))
-    env = _our_env(task_name, obs_dim, list(obs_keys))
+    action_space = read_action_space(ckpt, dims["action_dim"], what)
+    env = _our_env(task_name, obs_dim, list(obs_keys), action_space)
     config = DiffusionPolicyConfig(
         obs_dim=obs_dim,
         action_dim=dims["action_dim"],
+        action_space=action_space,
         obs_keys=[str(k) for k in obs_keys],
         env=env,
         horizon=horizon,
@@ -317,19 +319,51 @@ def read_scheduler(ckpt: DPCheckpoint, what: str) -> tuple[str, int, dict[str, A
     return sampler, steps, scheduler
 
 
+_ROBOMIMIC_TASKS = ("lift", "can", "square", "tool_hang", "transport")
+
+
+def read_action_space(ckpt: DPCheckpoint, action_dim: int, what: str) -> str:
+    """``delta``, or ``absolute_rot6d`` for DP's ``abs_action=True`` robomimic policies (position, 6D
+    rotation, gripper: 10 per arm, for robosuite's OSC_POSE in absolute mode). Refused by name: two arms
+    (transport, 20), other rotation representations, and absolute actions outside robomimic (kitchen's
+    joint targets, block pushing's positions), which are not robosuite poses."""
+    get = ckpt.get
+    abs_action = any(get(key) is True for key in ("task.abs_action", "abs_action", "task.env_runner.abs_action",
+                                                  "task.dataset.abs_action"))
+    if not abs_action:
+        return "delta"
+    task = get("task.task_name", get("task_name"))
+    runner = str(get("task.env_runner._target_", "") or "")
+    if task not in _ROBOMIMIC_TASKS and "robomimic" not in runner:
+        raise UnsupportedCheckpointError(f"{what}: absolute actions of task {task or get('task.name')!r} are not "
+                                         f"robosuite end-effector poses; only robomimic's abs_action tasks are supported")
+    rep = get("task.dataset.rotation_rep", "rotation_6d")
+    if rep != "rotation_6d":
+        raise UnsupportedCheckpointError(f"{what}: abs_action with rotation_rep={rep!r} is not supported (only rotation_6d)")
+    if action_dim == 20:
+        raise UnsupportedCheckpointError(f"{what}: two-arm absolute actions (20 = 2 x 10, e.g. transport) are not "
+                                         f"supported: parapolicy's envs have one arm")
+    if action_dim != 10:
+        raise UnsupportedCheckpointError(f"{what}: abs_action=True with action_dim={action_dim}; robomimic's absolute "
+                                         f"actions are 10 per arm (position 3, 6D rotation 6, gripper 1)")
+    return "absolute_rot6d"
+
+
 _KNOWN_POLICY_KEYS = {
     "_target_", "model", "noise_scheduler", "horizon", "obs_dim", "action_dim", "n_action_steps", "n_obs_steps",
     "num_inference_steps", "obs_as_local_cond", "obs_as_global_cond", "pred_action_steps_only", "oa_step_convention",
 }
 
 
-def _our_env(task_name: Any, obs_dim: int, obs_keys: list[str]) -> str | None:
-    """Our env of the same name when its observation layout matches (DP's square/lift/can low-dim tasks)."""
+def _our_env(task_name: Any, obs_dim: int, obs_keys: list[str], action_space: str = "delta") -> str | None:
+    """Our env of the same name when its observation layout matches (DP's square/lift/can low-dim tasks;
+    absolute actions: its ``*_abs`` twin)."""
     try:
         from parapolicy.envs.robosuite_env import TASKS
     except Exception:  # envs need gymnasium; the conversion itself does not
         return None
-    spec = TASKS.get(str(task_name)) if task_name is not None else None
+    suffix = "" if action_space == "delta" else "_abs"
+    spec = TASKS.get(f"{task_name}{suffix}") if task_name is not None else None
     if spec is None or spec.obs_dim != obs_dim or (obs_keys and tuple(obs_keys) != tuple(spec.obs_keys)):
         return None
     return spec.name

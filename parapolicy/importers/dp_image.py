@@ -19,9 +19,12 @@ ImageNet normalisation of the [-1, 1] images, then the low-dim keys (sorted). pa
 :class:`~parapolicy.policy.vision.DPImageObsEncoder` is that module under the same names; the
 conditioning layout is already ours.
 
-Refused by name: other image policy classes, inpainting (``obs_as_global_cond=False``), absolute 10-dim
-actions (``abs_action``), cameras of different sizes, a ``resize_shape``, and an odd crop margin
-(torchvision rounds that centre differently).
+Absolute actions (``abs_action=True``: position, 6D rotation, gripper) import with ``action_space:
+absolute_rot6d`` (see ``parapolicy.importers.diffusion_policy.read_action_space``).
+
+Refused by name: other image policy classes, inpainting (``obs_as_global_cond=False``), two-arm absolute
+actions, cameras of different sizes, a ``resize_shape``, and an odd crop margin (torchvision rounds that
+centre differently).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from parapolicy.importers.diffusion_policy import (
     _excerpt,
     _int,
     dp_affine_to_minmax,
+    read_action_space,
     read_scheduler,
 )
 from parapolicy.policy.configuration import DiffusionPolicyConfig
@@ -74,10 +78,6 @@ def check_hybrid_supported(ckpt: DPCheckpoint, weights: Mapping[str, torch.Tenso
         raise UnsupportedCheckpointError(f"{what}: cond_predict_scale=False is not supported")
     if ckpt.get("policy.n_groups", 8) != 8:
         raise UnsupportedCheckpointError(f"{what}: n_groups={ckpt.get('policy.n_groups')} is not supported (only 8)")
-    if ckpt.get("abs_action", ckpt.get("task.abs_action")) is True:
-        raise UnsupportedCheckpointError(
-            f"{what}: absolute actions (abs_action=True: position, 6D rotation, gripper) are not supported yet; "
-            f"parapolicy's envs take OSC_POSE delta actions")
 
 
 def _permutation(entries, feature_dims: Mapping[str, int], n_obs_steps: int) -> torch.Tensor:
@@ -117,9 +117,7 @@ def convert_dp_image_checkpoint(ckpt: DPCheckpoint, sd: Mapping[str, torch.Tenso
     image_shape = rgb[0][1]
     if len(action_shape) != 1:
         raise ValueError(f"{what}: action shape {action_shape} is not a vector")
-    if action_shape[0] == 10:
-        raise UnsupportedCheckpointError(f"{what}: 10-dim absolute actions (position, 6D rotation, gripper) are not "
-                                         f"supported yet; parapolicy's envs take 7-dim OSC_POSE delta actions")
+    action_space = read_action_space(ckpt, action_shape[0], what)
 
     _check_image_normaliser(sd, [key for key, _ in rgb], what)
 
@@ -170,8 +168,9 @@ def convert_dp_image_checkpoint(ckpt: DPCheckpoint, sd: Mapping[str, torch.Tenso
                   feature_dim=feature_dim, feature_activation="relu")
     config = DiffusionPolicyConfig(
         obs_dim=sum(feature_dims[key] for key in obs_keys), action_dim=dims["action_dim"], obs_keys=obs_keys,
-        image_keys=[key for key, _ in rgb], image_shape=image_shape, vision=vision,
-        env=_our_image_env(ckpt.get("task.task_name", ckpt.get("task_name")), [key for key, _ in rgb], obs_keys),
+        image_keys=[key for key, _ in rgb], image_shape=image_shape, vision=vision, action_space=action_space,
+        env=_our_image_env(ckpt.get("task.task_name", ckpt.get("task_name")), [key for key, _ in rgb], obs_keys,
+                           action_space),
         horizon=horizon, n_obs_steps=n_obs_steps, n_action_steps=n_action, oa_step_convention=True,
         n_latency_steps=_int(latency, "n_latency_steps", what),
         down_dims=dims["down_dims"], kernel_size=dims["kernel_size"], n_groups=8,
@@ -260,9 +259,10 @@ def _convert_resnet_image(ckpt: DPCheckpoint, sd: Mapping[str, torch.Tensor], we
     from parapolicy.policy.diffusion_policy import DiffusionPolicy
 
     entries, action_shape = _shape_meta(ckpt, what)
-    if action_shape != [7]:
-        raise UnsupportedCheckpointError(f"{what}: action shape {action_shape}: only 7-dim OSC_POSE delta actions are "
-                                         f"supported (10-dim absolute actions are not yet)")
+    action_space = read_action_space(ckpt, action_shape[0], what)
+    if action_space == "delta" and action_shape != [7]:
+        raise UnsupportedCheckpointError(f"{what}: action shape {action_shape}: only 7-dim OSC_POSE delta actions "
+                                         f"(or 10-dim absolute ones, abs_action=True) are supported")
     rgb = sorted(key for key, kind, _ in entries if kind == "rgb")
     low = sorted((key, shape) for key, kind, shape in entries if kind == "low_dim")
     shapes = {tuple(shape) for key, kind, shape in entries if kind == "rgb"}
@@ -297,7 +297,8 @@ def _convert_resnet_image(ckpt: DPCheckpoint, sd: Mapping[str, torch.Tensor], we
     obs_keys = [key for key, _ in low]
     config = DiffusionPolicyConfig(obs_dim=sum(low_dims), obs_keys=obs_keys, image_keys=rgb, image_shape=image_shape,
                                    vision=vision, env=_our_image_env(ckpt.get("task.task_name", ckpt.get("task_name")),
-                                                                     rgb, obs_keys), **common)
+                                                                     rgb, obs_keys, action_space),
+                                   action_space=action_space, **common)
     policy = DiffusionPolicy(config, scheduler_config=scheduler)
     _load_exactly(policy.model, {k[len("model."):]: v.float() for k, v in sd.items() if k.startswith("model.")}, "U-Net", what)
     _load_exactly(policy.obs_encoder, {k: v.float() if v.is_floating_point() else v for k, v in encoder_sd.items()},
@@ -328,13 +329,15 @@ def _load_exactly(module: torch.nn.Module, state: Mapping[str, torch.Tensor], pa
     module.load_state_dict(dict(state), strict=True)
 
 
-def _our_image_env(task_name: Any, image_keys: list[str], obs_keys: list[str]) -> str | None:
-    """Our image task of the same scene when the cameras and low-dim keys match (e.g. lift -> lift_image)."""
+def _our_image_env(task_name: Any, image_keys: list[str], obs_keys: list[str], action_space: str = "delta") -> str | None:
+    """Our image task of the same scene when the cameras and low-dim keys match (e.g. lift -> lift_image;
+    absolute actions: lift_image_abs)."""
     try:
         from parapolicy.envs.robosuite_env import TASKS, image_key
     except Exception:
         return None
-    spec = TASKS.get(f"{task_name}_image") if task_name is not None else None
+    suffix = "_image" if action_space == "delta" else "_image_abs"
+    spec = TASKS.get(f"{task_name}{suffix}") if task_name is not None else None
     if spec is None or [image_key(c) for c in spec.cameras] != image_keys or list(spec.obs_keys) != obs_keys:
         return None
     return spec.name

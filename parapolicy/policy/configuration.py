@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from parapolicy.policy.action_space import check_action_space
+
 
 @dataclass
 class DiffusionPolicyConfig:
@@ -24,6 +26,10 @@ class DiffusionPolicyConfig:
     image_keys: list[str] = field(default_factory=list)
     image_shape: list[int] = field(default_factory=lambda: [3, 84, 84])
     vision: dict[str, Any] = field(default_factory=dict)
+    # What an action means (parapolicy.policy.action_space): "delta", robosuite's 7-dim OSC_POSE delta
+    # command, or "absolute_rot6d", DP's abs_action (position, 6D rotation, gripper: 10 per arm), which
+    # act() turns into robosuite's absolute OSC_POSE command for an env with control="absolute".
+    action_space: str = "delta"
     # Temporal structure (Diffusion Policy's defaults): predict `horizon` actions from
     # `n_obs_steps` observations, execute `n_action_steps` of them starting at `action_start`.
     horizon: int = 16
@@ -56,6 +62,7 @@ class DiffusionPolicyConfig:
         self.vision = dict(self.vision)
         if self.image_keys and (len(self.image_shape) != 3 or self.image_shape[0] != 3):
             raise ValueError(f"image_shape must be [3, H, W], got {self.image_shape}")
+        check_action_space(self.action_space, self.action_dim)
         self.down_dims = [int(d) for d in self.down_dims]
         self.sampler_options = dict(self.sampler_options)
         if self.n_obs_steps < 1 or self.n_action_steps < 1:

@@ -391,7 +391,8 @@ class DiffusionPolicy(nn.Module):
         return frames
 
     def act(self, obs: Mapping[str, Any] | np.ndarray | torch.Tensor) -> np.ndarray:
-        """One control step: record ``obs`` and return the next action ``[action_dim]`` (float32).
+        """One control step: record ``obs`` and return the next action ``[action_dim]`` (float32; an
+        ``absolute_rot6d`` policy's as the env's 7-dim absolute command, see ``env_action``).
 
         Replans every ``n_action_steps`` calls (when the action queue runs dry) from the last
         ``n_obs_steps`` observations; the first call after ``reset()`` repeats its observation to fill
@@ -427,10 +428,18 @@ class DiffusionPolicy(nn.Module):
                 converged = bool(converged.all())
             info.update(rounds=_as_int(plan["rounds"]), model_evals=_as_int(plan["model_evals"]), converged=converged,
                         encode_ms=plan.get("encode_ms"), sample_ms=plan.get("sample_ms"))
-        action = self._action_queue.popleft()
+        action = self.env_action(self._action_queue.popleft())
         info["latency_s"] = time.perf_counter() - start
         self.last_info = info
         return action
+
+    def env_action(self, action: Any) -> Any:
+        """The env command of planned actions ``[..., action_dim]`` (numpy or torch): unchanged for delta
+        policies; an ``absolute_rot6d`` policy's become robosuite's absolute OSC_POSE commands ``[..., 7]``
+        (position, axis-angle, gripper; DP's ``undo_transform_action``). ``act()`` returns these."""
+        from parapolicy.policy.action_space import to_env_action
+
+        return to_env_action(action, self.config.action_space)
 
 
 def build_obs_encoder(config: DiffusionPolicyConfig) -> nn.Module:
