@@ -5,7 +5,10 @@ robomimic's doubly registered encoder names) and a functional reference of DP's 
 file's own state dict: per-key normalisation, centre crop, ResNet-18 trunk with GroupNorm, spatial
 softmax, Linear, robomimic's ReLU, features in shape_meta order, DP's U-Net (test_dp_importer's
 functional forward) and DDPM loop. No parapolicy module computes the reference.
-Not yet: the same check against DP's and robomimic's own code (needs their sources and torchvision).
+The state dicts carry every name DP's own policies write (compared with DiffusionUnetHybridImagePolicy's and
+DiffusionUnetImagePolicy's state_dict(): ModuleAttrMixin's empty ``_dummy_variable`` parameters, the normaliser's
+``input_stats``). The check against DP's and robomimic's own code, which needs their sources and
+torchvision, is ``scripts/check_dp_image.py``.
 """
 
 from __future__ import annotations
@@ -99,7 +102,23 @@ def hybrid_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     for camera in CAMERAS:  # DP's get_image_range_normalizer
         sd[f"normalizer.params_dict.{camera}.scale"] = torch.tensor([2.0])
         sd[f"normalizer.params_dict.{camera}.offset"] = torch.tensor([-1.0])
-    sd["mask_generator._dummy_variable"] = torch.empty(0)
+    return with_dp_extras(sd)
+
+
+def with_dp_extras(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``sd`` plus what DP's image policies hold besides weights and normaliser affine maps: the empty
+    ``_dummy_variable`` of every ModuleAttrMixin (the policy, its mask generator; DP's MultiImageObsEncoder
+    too, when there is one) and each normaliser field's ``input_stats`` (min, max, mean, std)."""
+    sd = dict(sd)
+    for name in ("_dummy_variable", "mask_generator._dummy_variable"):
+        sd[name] = torch.empty(0)
+    if any(k.startswith("obs_encoder.key_model_map.") for k in sd):
+        sd["obs_encoder._dummy_variable"] = torch.empty(0)
+    for key in [k[len("normalizer.params_dict."):-len(".scale")] for k in sd if k.endswith(".scale")]:
+        prefix = f"normalizer.params_dict.{key}"
+        low, high = (-1 - sd[f"{prefix}.offset"]) / sd[f"{prefix}.scale"], (1 - sd[f"{prefix}.offset"]) / sd[f"{prefix}.scale"]
+        sd.update({f"{prefix}.input_stats.min": low, f"{prefix}.input_stats.max": high,
+                   f"{prefix}.input_stats.mean": (low + high) / 2, f"{prefix}.input_stats.std": (high - low) / 4})
     return sd
 
 
@@ -261,7 +280,7 @@ def resnet_image_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
             p.add_(torch.randn_like(p) * 0.05)
     sd = {k: v for k, v in sd.items() if not k.startswith("model.")}
     sd.update({f"model.{k}": v.detach().clone() for k, v in unet.state_dict().items()})
-    return sd
+    return with_dp_extras(sd)  # DP's encoder's own _dummy_variable (the importer once refused it)
 
 
 def dp_image_predict_action(sd, obs, generator, num_inference_steps=10):

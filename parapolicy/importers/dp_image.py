@@ -284,7 +284,9 @@ def _convert_resnet_image(ckpt: DPCheckpoint, sd: Mapping[str, torch.Tensor], we
                                          f"(torchvision rounds that centre half-up)")
     _check_image_normaliser(sd, rgb, what)
     share = bool(encoder_cfg.get("share_rgb_model", False))
-    encoder_sd = {k[len("obs_encoder."):]: v for k, v in sd.items() if k.startswith("obs_encoder.")}
+    # DP's MultiImageObsEncoder is a ModuleAttrMixin: an empty ``_dummy_variable`` parameter (for .device) rides along
+    encoder_sd = {k[len("obs_encoder."):]: v for k, v in sd.items()
+                  if k.startswith("obs_encoder.") and not (k == "obs_encoder._dummy_variable" and v.numel() == 0)}
     norm = "batch" if any(k.endswith("running_mean") for k in encoder_sd) else "group"
     low_dims = [int(torch.tensor(shape).prod()) for _, shape in low]
     common, scheduler, dims = _common_config(ckpt, sd, what)
