@@ -6,14 +6,18 @@
 bench's DP-size encoder (``parapolicy.bench.networks``: robomimic's ResNet-18/GroupNorm trunk +
 SpatialSoftmax per camera, 76x76 centre crops; random weights) under a small U-Net, since only the
 encoder is timed. Each ``predict_action`` call (DDIM, 1 step) reports its ``encode_ms``; plain and fast
-calls alternate on the same inputs, so that load on the machine hits both alike; medians are printed.
+calls alternate on the same inputs, so that load on the machine hits both alike, each after a short
+pause (``--pause-ms``: on a loaded shared CPU a call that starts a fresh time slice is far less often
+preempted); medians are printed, with the load average.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import statistics
+import time
 
 import torch
 
@@ -35,6 +39,7 @@ def main() -> None:
     parser.add_argument("networks", nargs="*", default=["lift_image", "dp_image"])
     parser.add_argument("--calls", type=int, default=30)
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--pause-ms", type=float, default=20.0)
     args = parser.parse_args()
     torch.set_num_threads(1)
     from parapolicy.accel import make_fast_path, warm_up
@@ -52,6 +57,7 @@ def main() -> None:
         outs = {}
         for _ in range(args.calls + 2):  # the first two are not timed
             for label, path in (("plain", None), ("fast", fast)):
+                time.sleep(args.pause_ms / 1e3)
                 policy.fast_path = path
                 plan = policy.predict_action(obs, images=images, generator=torch.Generator().manual_seed(0))
                 times[label].append(plan["encode_ms"])
@@ -61,7 +67,7 @@ def main() -> None:
         print(f"{name}: encoder {encoder_parameters(policy) / 1e6:.2f}M params, batch {args.batch}, "
               f"{cfg.n_obs_steps} steps x {len(cfg.image_keys)} cameras {cfg.image_shape}: encode_ms median plain "
               f"{plain:.2f}, fast {quick:.2f} ({backend}; {plain / quick:.2f}x) over {args.calls} calls each; "
-              f"warm-up candidates {fast.stats.candidates_ms.get(f'encoder B{args.batch}')}; "
+              f"load average {os.getloadavg()[0]:.1f}; warm-up candidates {fast.stats.candidates_ms.get(f'encoder B{args.batch}')}; "
               f"max |plan difference| {float((outs['plain'] - outs['fast']).abs().max()):.1e}; notes {fast.stats.notes}")
 
 

@@ -1,4 +1,4 @@
-"""A stand-in for LeRobot's state-only ``DiffusionPolicy`` (lerobot cannot be installed here).
+"""A stand-in for LeRobot's ``DiffusionPolicy`` (lerobot cannot be installed here), state-only or with cameras.
 
 Same public attributes and call structure as lerobot/policies/diffusion/modeling_diffusion.py (read from
 its source; written here independently): ``DiffusionPolicy.diffusion`` is a ``DiffusionModel`` with
@@ -7,6 +7,14 @@ downsampler is a bare ``nn.Conv1d``, ``mid_modules``, ``up_modules`` with ``nn.C
 ``final_conv``; residual blocks with ``conv1`` / ``cond_encoder`` / ``conv2`` / ``residual_conv`` and FiLM
 scale + bias when ``use_film_scale_modulation``), ``noise_scheduler`` (diffusers DDPM or DDIM) and
 ``num_inference_steps``; ``conditional_sample`` is LeRobot's loop; ``select_action`` keeps LeRobot's queues.
+
+With ``image_features``, ``DiffusionModel.rgb_encoder`` is LeRobot's ``DiffusionRgbEncoder`` (one per camera
+in a ``ModuleList``, or one shared): torchvision's resize and centre / random crop, the children of
+torchvision's ``resnet18`` without avgpool and fc as ``backbone`` (``0`` conv1 ... ``7`` layer4; batch norm
+replaced by ``GroupNorm(C // 16, C)`` with ``use_group_norm``), ``pool`` (SpatialSoftmax with its
+``pos_grid`` buffer from numpy's meshgrid), ``out`` and ``relu``; the global conditioning is LeRobot's
+``(state, camera features in image_features order, ...)`` per step. Written from LeRobot's and
+torchvision's behaviour, independently of ``parapolicy.policy.vision``.
 """
 
 from __future__ import annotations
@@ -16,10 +24,12 @@ from collections import deque
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-OBS_STATE, ACTION = "observation.state", "action"
+OBS_STATE, ACTION, OBS_IMAGES = "observation.state", "action", "observation.images"
 
 
 @dataclass
@@ -43,8 +53,22 @@ class DiffusionConfig:
     clip_sample: bool = True
     clip_sample_range: float = 1.0
     num_inference_steps: int | None = None
-    image_features: dict = field(default_factory=dict)
+    image_features: dict = field(default_factory=dict)  # {key: SimpleNamespace(shape=(3, H, W))}
     env_state_feature: None = None
+    vision_backbone: str = "resnet18"
+    resize_shape: tuple | None = None
+    crop_ratio: float = 1.0
+    crop_shape: tuple | None = None
+    crop_is_random: bool = True
+    pretrained_backbone_weights: str | None = None
+    use_group_norm: bool = False
+    spatial_softmax_num_keypoints: int = 32
+    use_separate_rgb_encoder_per_camera: bool = True
+
+    def __post_init__(self):  # LeRobot derives the crop from the resize and the ratio
+        if self.resize_shape is not None:
+            self.crop_shape = ((int(self.resize_shape[0] * self.crop_ratio), int(self.resize_shape[1] * self.crop_ratio))
+                               if self.crop_ratio < 1.0 else None)
 
     @property
     def action_feature(self):
@@ -138,13 +162,131 @@ class DiffusionConditionalUnet1d(nn.Module):
         return self.final_conv(x).transpose(1, 2)
 
 
+# ------------------------------------------------------------------------------ the image encoder
+class TorchvisionBasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.downsample = (nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+                           if stride != 1 or c_in != c_out else None)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class TorchvisionResNet18(nn.Module):
+    """torchvision.models.resnet18's children, in its order (weights=None)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.layer1 = nn.Sequential(TorchvisionBasicBlock(64, 64, 1), TorchvisionBasicBlock(64, 64, 1))
+        self.layer2 = nn.Sequential(TorchvisionBasicBlock(64, 128, 2), TorchvisionBasicBlock(128, 128, 1))
+        self.layer3 = nn.Sequential(TorchvisionBasicBlock(128, 256, 2), TorchvisionBasicBlock(256, 256, 1))
+        self.layer4 = nn.Sequential(TorchvisionBasicBlock(256, 512, 2), TorchvisionBasicBlock(512, 512, 1))
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(512, 1000)
+
+
+def replace_batch_norm(module: nn.Module) -> nn.Module:
+    """LeRobot's _replace_submodules(BatchNorm2d -> GroupNorm(num_features // 16, num_features))."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(module, name, nn.GroupNorm(child.num_features // 16, child.num_features))
+        else:
+            replace_batch_norm(child)
+    return module
+
+
+class LeRobotSpatialSoftmax(nn.Module):
+    def __init__(self, input_shape, num_kp=None):
+        super().__init__()
+        self._in_c, self._in_h, self._in_w = input_shape
+        self.nets = nn.Conv2d(self._in_c, num_kp, kernel_size=1) if num_kp is not None else None
+        self._out_c = num_kp if num_kp is not None else self._in_c
+        pos_x, pos_y = np.meshgrid(np.linspace(-1.0, 1.0, self._in_w), np.linspace(-1.0, 1.0, self._in_h))
+        pos_x = torch.from_numpy(pos_x.reshape(self._in_h * self._in_w, 1)).float()
+        pos_y = torch.from_numpy(pos_y.reshape(self._in_h * self._in_w, 1)).float()
+        self.register_buffer("pos_grid", torch.cat([pos_x, pos_y], dim=1))
+
+    def forward(self, features):
+        if self.nets is not None:
+            features = self.nets(features)
+        attention = F.softmax(features.reshape(-1, self._in_h * self._in_w), dim=-1)
+        return (attention @ self.pos_grid).view(-1, self._out_c, 2)
+
+
+def torchvision_resize(x, size):
+    """torchvision.transforms.Resize((h, w)) on a float tensor (antialias=True): nothing when the size matches."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=list(size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def torchvision_center_crop(x, size):
+    h, w = x.shape[-2:]
+    top, left = int(round((h - size[0]) / 2.0)), int(round((w - size[1]) / 2.0))
+    return x[..., top : top + size[0], left : left + size[1]]
+
+
+def torchvision_random_crop(x, size):
+    h, w = x.shape[-2:]
+    top = int(torch.randint(0, h - size[0] + 1, size=(1,)))
+    left = int(torch.randint(0, w - size[1] + 1, size=(1,)))
+    return x[..., top : top + size[0], left : left + size[1]]
+
+
+class DiffusionRgbEncoder(nn.Module):
+    def __init__(self, config: DiffusionConfig):
+        super().__init__()
+        self.resize_shape, self.crop_shape, self.crop_is_random = config.resize_shape, config.crop_shape, config.crop_is_random
+        self.backbone = nn.Sequential(*list(TorchvisionResNet18().children())[:-2])
+        if config.use_group_norm:
+            self.backbone = replace_batch_norm(self.backbone)
+        shape = next(iter(config.image_features.values())).shape
+        h_w = config.crop_shape or config.resize_shape or shape[1:]
+        with torch.no_grad():  # LeRobot's dry run for the feature map shape
+            feature_map = self.backbone(torch.zeros(1, shape[0], *h_w)).shape[1:]
+        self.pool = LeRobotSpatialSoftmax(tuple(feature_map), num_kp=config.spatial_softmax_num_keypoints)
+        self.feature_dim = config.spatial_softmax_num_keypoints * 2
+        self.out = nn.Linear(config.spatial_softmax_num_keypoints * 2, self.feature_dim)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        if self.resize_shape is not None:
+            x = torchvision_resize(x, self.resize_shape)
+        if self.crop_shape is not None:
+            crop = torchvision_random_crop if self.training and self.crop_is_random else torchvision_center_crop
+            x = crop(x, self.crop_shape)
+        x = torch.flatten(self.pool(self.backbone(x)), start_dim=1)
+        return self.relu(self.out(x))
+
+
 class DiffusionModel(nn.Module):
     def __init__(self, config: DiffusionConfig):
         super().__init__()
         from diffusers import DDIMScheduler, DDPMScheduler
 
         self.config = config
-        self.unet = DiffusionConditionalUnet1d(config, global_cond_dim=config.state_dim * config.n_obs_steps)
+        global_cond_dim = config.state_dim
+        if config.image_features:
+            cameras = len(config.image_features)
+            if config.use_separate_rgb_encoder_per_camera:
+                self.rgb_encoder = nn.ModuleList(DiffusionRgbEncoder(config) for _ in range(cameras))
+                global_cond_dim += self.rgb_encoder[0].feature_dim * cameras
+            else:
+                self.rgb_encoder = DiffusionRgbEncoder(config)
+                global_cond_dim += self.rgb_encoder.feature_dim * cameras
+        self.unet = DiffusionConditionalUnet1d(config, global_cond_dim=global_cond_dim * config.n_obs_steps)
         kind = {"DDPM": DDPMScheduler, "DDIM": DDIMScheduler}[config.noise_scheduler_type]
         self.noise_scheduler = kind(
             num_train_timesteps=config.num_train_timesteps, beta_start=config.beta_start, beta_end=config.beta_end,
@@ -164,9 +306,25 @@ class DiffusionModel(nn.Module):
             sample = self.noise_scheduler.step(out, t, sample, generator=generator).prev_sample
         return sample
 
+    def _prepare_global_conditioning(self, batch):
+        """LeRobot's: state, then the cameras' features ([B, S, N, C, H, W] images), flattened step-major."""
+        b, s = batch[OBS_STATE].shape[:2]
+        feats = [batch[OBS_STATE]]
+        if self.config.image_features:
+            images = batch[OBS_IMAGES]
+            n = images.shape[2]
+            if self.config.use_separate_rgb_encoder_per_camera:  # "b s n ... -> n (b s) ...", then back
+                per_camera = images.transpose(0, 2).transpose(1, 2).reshape(n, b * s, *images.shape[3:])
+                out = torch.cat([enc(x) for enc, x in zip(self.rgb_encoder, per_camera)])  # [(n b s), D]
+                feats.append(out.reshape(n, b, s, -1).permute(1, 2, 0, 3).reshape(b, s, -1))
+            else:  # "b s n ... -> (b s n) ...", then back
+                out = self.rgb_encoder(images.reshape(b * s * n, *images.shape[3:]))
+                feats.append(out.reshape(b, s, -1))
+        return torch.cat(feats, dim=-1).flatten(start_dim=1)
+
     def generate_actions(self, batch, noise=None):
         batch_size, n_obs_steps = batch[OBS_STATE].shape[:2]
-        global_cond = batch[OBS_STATE].flatten(start_dim=1)
+        global_cond = self._prepare_global_conditioning(batch)
         actions = self.conditional_sample(batch_size, global_cond=global_cond, noise=noise)
         start = n_obs_steps - 1
         return actions[:, start : start + self.config.n_action_steps]
@@ -183,6 +341,8 @@ class DiffusionPolicy(nn.Module):
 
     def reset(self):
         self._queues = {OBS_STATE: deque(maxlen=self.config.n_obs_steps), ACTION: deque(maxlen=self.config.n_action_steps)}
+        if self.config.image_features:
+            self._queues[OBS_IMAGES] = deque(maxlen=self.config.n_obs_steps)
 
     @torch.no_grad()
     def predict_action_chunk(self, batch, noise=None):
@@ -191,7 +351,10 @@ class DiffusionPolicy(nn.Module):
 
     @torch.no_grad()
     def select_action(self, batch, noise=None):
-        for key in (OBS_STATE,):
+        if self.config.image_features:  # cameras stacked into one key before queueing, as LeRobot does
+            batch = dict(batch)
+            batch[OBS_IMAGES] = torch.stack([batch[key] for key in self.config.image_features], dim=-4)
+        for key in [k for k in (OBS_STATE, OBS_IMAGES) if k in self._queues]:
             queue = self._queues[key]
             if len(queue) == 0:
                 queue.extend([batch[key]] * queue.maxlen)
@@ -206,9 +369,9 @@ class DiffusionPolicy(nn.Module):
 def save_pretrained(policy: DiffusionPolicy, folder, stats: dict, modes: dict | None = None, legacy: bool = False):
     """Write ``folder`` as LeRobot's ``save_pretrained`` + processor ``save_pretrained`` lay it out.
 
-    ``stats``: {feature: {stat: tensor}}; ``modes``: normalization_mapping (STATE / ACTION -> MIN_MAX ...).
-    ``legacy``: statistics as ``normalize_inputs`` / ``unnormalize_outputs`` buffers in model.safetensors
-    (LeRobot < 0.4) instead of processor files.
+    ``stats``: {feature: {stat: tensor}} (cameras: per-channel ``[3, 1, 1]``); ``modes``: normalization_mapping
+    (VISUAL / STATE / ACTION -> MIN_MAX ...). ``legacy``: statistics as ``normalize_inputs`` /
+    ``unnormalize_outputs`` buffers in model.safetensors (LeRobot < 0.4) instead of processor files.
     """
     import json
     from pathlib import Path
@@ -222,7 +385,8 @@ def save_pretrained(policy: DiffusionPolicy, folder, stats: dict, modes: dict | 
     config = {
         "type": "diffusion",
         "n_obs_steps": cfg.n_obs_steps,
-        "input_features": {OBS_STATE: {"type": "STATE", "shape": [cfg.state_dim]}},
+        "input_features": {**{key: {"type": "VISUAL", "shape": list(f.shape)} for key, f in cfg.image_features.items()},
+                           OBS_STATE: {"type": "STATE", "shape": [cfg.state_dim]}},
         "output_features": {ACTION: {"type": "ACTION", "shape": [cfg.action_dim]}},
         "device": "cpu",
         "normalization_mapping": modes,
@@ -244,17 +408,27 @@ def save_pretrained(policy: DiffusionPolicy, folder, stats: dict, modes: dict | 
         "clip_sample_range": cfg.clip_sample_range,
         "num_inference_steps": cfg.num_inference_steps,
         "compile_model": False,
+        "vision_backbone": cfg.vision_backbone,
+        "resize_shape": None if cfg.resize_shape is None else list(cfg.resize_shape),
+        "crop_ratio": cfg.crop_ratio,
+        "crop_shape": None if cfg.crop_shape is None else list(cfg.crop_shape),
+        "crop_is_random": cfg.crop_is_random,
+        "pretrained_backbone_weights": cfg.pretrained_backbone_weights,
+        "use_group_norm": cfg.use_group_norm,
+        "spatial_softmax_num_keypoints": cfg.spatial_softmax_num_keypoints,
+        "use_separate_rgb_encoder_per_camera": cfg.use_separate_rgb_encoder_per_camera,
     }
     (folder / "config.json").write_text(json.dumps(config, indent=4))
     tensors = {k: v.contiguous() for k, v in policy.state_dict().items()}
     if legacy:
-        for prefix, feature in (("normalize_inputs", OBS_STATE), ("normalize_targets", ACTION), ("unnormalize_outputs", ACTION)):
+        inputs = [("normalize_inputs", key) for key in (*cfg.image_features, OBS_STATE) if key in stats]
+        for prefix, feature in (*inputs, ("normalize_targets", ACTION), ("unnormalize_outputs", ACTION)):
             for stat, value in stats[feature].items():
                 tensors[f"{prefix}.buffer_{feature.replace('.', '_')}.{stat}"] = value.float().clone().contiguous()
     save_file(tensors, str(folder / "model.safetensors"))
     if legacy:
         return folder
-    features = {OBS_STATE: {"type": "STATE", "shape": [cfg.state_dim]}, ACTION: {"type": "ACTION", "shape": [cfg.action_dim]}}
+    features = {**config["input_features"], ACTION: {"type": "ACTION", "shape": [cfg.action_dim]}}
     flat = {f"{feature}.{stat}": value.float().contiguous() for feature, group in stats.items() for stat, value in group.items()}
     for name, step, registry in (("policy_preprocessor", 2, "normalizer_processor"),
                                  ("policy_postprocessor", 0, "unnormalizer_processor")):

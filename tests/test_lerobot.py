@@ -3,6 +3,7 @@ LeRobot's attributes, layer layout and sampling loop: tests/lerobot_standin.py).
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -169,6 +170,155 @@ def test_lerobot_checkpoint_refusals(tmp_path):
     config = json.loads((folder / "config.json").read_text())
     config["input_features"]["observation.images.top"] = {"type": "VISUAL", "shape": [3, 96, 96]}
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UnsupportedCheckpointError, match="image policies"):
+    with pytest.raises(UnsupportedCheckpointError, match="no diffusion.rgb_encoder"):  # a camera without its encoder
         convert(folder, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------- LeRobot image checkpoints -> parapolicy
+CAMERAS = ("observation.images.top", "observation.images.wrist")
+
+
+def image_policy(seed: int, **vision) -> DiffusionPolicy:
+    """A stand-in LeRobot image policy (two 3x40x48 cameras + a 10-dim state) with every weight and
+    batch-norm statistic perturbed, so that no layer is at its initial value."""
+    from types import SimpleNamespace
+
+    features = {key: SimpleNamespace(shape=(3, 40, 48)) for key in CAMERAS}
+    policy = make_policy(seed, image_features=features, spatial_softmax_num_keypoints=8, num_inference_steps=6, **vision)
+    g = gen(seed + 100)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        for name, b in policy.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(torch.randn(b.shape, generator=g) * 0.1)
+            elif name.endswith("running_var"):
+                b.copy_(torch.rand(b.shape, generator=g) + 0.5)
+    return policy
+
+
+def image_stats(g: torch.Generator) -> dict:
+    state, action = torch.randn(200, 10, generator=g) * 2 + 1, torch.rand(200, 4, generator=g) * 1.6 - 0.8
+    stats = {key: {"min": x.min(0).values, "max": x.max(0).values, "mean": x.mean(0), "std": x.std(0)}
+             for key, x in ((OBS_STATE, state), ("action", action))}
+    for key in CAMERAS:  # per-channel statistics [3, 1, 1], as LeRobot's datasets store them
+        mean, std = torch.rand(3, 1, 1, generator=g) * 0.4 + 0.3, torch.rand(3, 1, 1, generator=g) * 0.2 + 0.1
+        stats[key] = {"mean": mean, "std": std, "min": mean - 2 * std, "max": mean + 2 * std}
+    return stats
+
+
+@pytest.mark.parametrize("vision, modes, legacy", [
+    # GroupNorm, one encoder per camera, crop only with odd margins (torchvision's rounding: top 2, left 4)
+    ({"use_group_norm": True, "crop_shape": (37, 41)}, {}, False),
+    # LeRobot's defaults: batch norm (an ImageNet start, weights saved), one encoder shared by both cameras,
+    # resize then crop_ratio; MIN_MAX images; statistics as buffers (LeRobot < 0.4); DDIM
+    ({"pretrained_backbone_weights": "ResNet18_Weights.IMAGENET1K_V1", "use_separate_rgb_encoder_per_camera": False,
+      "resize_shape": (36, 44), "crop_ratio": 0.9, "noise_scheduler_type": "DDIM"},
+     {"VISUAL": "MIN_MAX", "STATE": "MEAN_STD"}, True),
+])
+def test_lerobot_image_checkpoint_plans_lerobots_actions(tmp_path, vision, modes, legacy):
+    """LeRobot's pipeline (normalise state and images with the dataset statistics, generate_actions,
+    unnormalise) against the converted policy on the same frames and noise; for DDIM (whose only draw is
+    x_T) also act() on uint8 frames against select_action on the same frames as LeRobot's float images."""
+    from lerobot_standin import ACTION, OBS_IMAGES, lerobot_normalize, save_pretrained
+
+    from parapolicy.convert import main
+    from parapolicy.policy import load_policy
+
+    policy = image_policy(1, **vision)
+    stats = image_stats(gen(0))
+    folder = save_pretrained(policy, tmp_path / "lerobot", stats, modes, legacy=legacy)
+    assert main([str(folder), "--out", str(tmp_path / "out")]) == 0
+    ours = load_policy(tmp_path / "out")  # the checkpoint's scheduler: ddpm or ddim, 6 steps
+    cfg = ours.config
+    ddim = vision.get("noise_scheduler_type") == "DDIM"
+    assert ours.sampler_name == ("ddim" if ddim else "ddpm") and ours.num_inference_steps == 6
+    assert cfg.image_keys == list(CAMERAS) and cfg.image_shape == [3, 40, 48] and cfg.obs_keys == [OBS_STATE]
+    assert cfg.global_cond_dim == 2 * (10 + 2 * 16)
+
+    g = gen(3)
+    state = torch.randn(2, 2, 10, generator=g) * 2 + 1
+    frames = {key: torch.randint(0, 256, (2, 2, 3, 40, 48), generator=g, dtype=torch.uint8) for key in CAMERAS}
+    visual, state_mode = modes.get("VISUAL", "MEAN_STD"), modes.get("STATE", "MIN_MAX")
+    with torch.no_grad():
+        torch.manual_seed(4)
+        images = torch.stack([lerobot_normalize(frames[key].float() / 255, stats[key], visual) for key in CAMERAS], dim=2)
+        normalized = policy.diffusion.generate_actions({OBS_STATE: lerobot_normalize(state, stats[OBS_STATE], state_mode),
+                                                        OBS_IMAGES: images})
+        reference = lerobot_normalize(normalized, stats[ACTION], "MIN_MAX", inverse=True)
+    torch.manual_seed(4)  # the stock draw order: x_T, then one per step with t > 0
+    x_T = torch.randn(2, 16, 4)
+    noise = torch.zeros(6, 2, 16, 4)
+    for i, t in enumerate(ours.sampler.timesteps):
+        if int(t) > 0:
+            noise[i] = torch.randn(2, 16, 4)
+    planned = ours.predict_action(state, images=frames, x_T=x_T, noise=None if ddim else noise)
+    assert (planned["action"] - reference).abs().max() < 1e-5
+    ours.enable_fast_path(backend="trace")  # the traced encoder (and denoiser) plan the same
+    fast = ours.predict_action(state, images=frames, x_T=x_T, noise=None if ddim else noise)
+    assert ours.fast_path.stats.backends["encoder B2"] == "trace" and (fast["action"] - reference).abs().max() < 1e-5
+    ours.enable_fast_path(False)
+    if not ddim:  # LeRobot's DDPM draws its step noise inside the loop, ours up front: act() draws differ
+        return
+
+    # the control loop: robosuite-style obs dicts of upright uint8 [H, W, 3] frames vs LeRobot's select_action
+    steps = [{OBS_STATE: state[0, k].numpy(), **{key: frames[key][0, k].permute(1, 2, 0).numpy() for key in CAMERAS}}
+             for k in range(2)] * 5
+    ours.reset()
+    policy.reset()
+    torch.manual_seed(7)
+    got = np.stack([ours.act(o) for o in steps])
+    torch.manual_seed(7)  # LeRobot's select_action draws from the global generator in the same order
+    with torch.no_grad():
+        expected = []
+        for o in steps:
+            batch = {OBS_STATE: lerobot_normalize(torch.from_numpy(o[OBS_STATE])[None], stats[OBS_STATE], state_mode)}
+            batch.update({key: lerobot_normalize(torch.from_numpy(o[key]).permute(2, 0, 1)[None].float() / 255,
+                                                 stats[key], visual) for key in CAMERAS})
+            expected.append(lerobot_normalize(policy.select_action(batch), stats[ACTION], "MIN_MAX", inverse=True)[0])
+    assert np.abs(got - torch.stack(expected).numpy()).max() < 1e-5
+
+
+def test_lerobot_image_checkpoint_refusals(tmp_path):
+    import json
+
+    from lerobot_standin import save_pretrained
+    from safetensors.torch import load_file, save_file
+
+    from parapolicy.convert import convert
+    from parapolicy.importers.diffusion_policy import UnsupportedCheckpointError
+
+    stats = image_stats(gen(0))
+    folder = save_pretrained(image_policy(2, use_group_norm=True), tmp_path / "base", stats)
+    config = json.loads((folder / "config.json").read_text())
+    weights = load_file(str(folder / "model.safetensors"))
+
+    def variant(name: str, change: dict | None = None, drop_encoder: bool = False):
+        target = tmp_path / name
+        target.mkdir()
+        for file in folder.iterdir():
+            (target / file.name).write_bytes(file.read_bytes())
+        (target / "config.json").write_text(json.dumps({**config, **(change or {})}))
+        if drop_encoder:
+            save_file({k: v for k, v in weights.items() if ".rgb_encoder." not in k}, str(target / "model.safetensors"))
+        return target
+
+    features = config["input_features"]
+    cases = [
+        (variant("resnet34", {"vision_backbone": "resnet34"}), "vision_backbone='resnet34'"),
+        (variant("shapes", {"input_features": {**features, CAMERAS[1]: {"type": "VISUAL", "shape": [3, 40, 40]}}}),
+         "different shapes"),
+        (variant("gray", {"input_features": {k: ({"type": "VISUAL", "shape": [1, 40, 48]} if k in CAMERAS else v)
+                                             for k, v in features.items()}}), "3-channel"),
+        (variant("big_crop", {"crop_shape": [44, 41]}), r"crop_shape \[44, 41\] larger"),
+        (variant("quantiles", {"normalization_mapping": {**config["normalization_mapping"], "VISUAL": "QUANTILES"}}),
+         "QUANTILES for VISUAL"),
+        (variant("download", {"pretrained_backbone_weights": "ResNet18_Weights.IMAGENET1K_V1"}, drop_encoder=True),
+         "would need a download"),
+    ]
+    for source, needle in cases:
+        with pytest.raises(UnsupportedCheckpointError, match=needle):
+            convert(source, tmp_path / f"out_{source.name}")
+        assert not (tmp_path / f"out_{source.name}").exists()
+    convert(folder, tmp_path / "out")  # the unchanged folder converts

@@ -71,6 +71,12 @@ def test_crop_is_random_in_training_and_centred_in_eval():
     assert len(offsets) > 10  # independent per image
     with pytest.raises(ValueError, match="does not fit"):
         CropRandomizer([3, 84, 84], 90, 76)
+    # an odd margin: robomimic floors the top row, torchvision (so LeRobot) rounds half to even
+    odd = CropRandomizer([3, 84, 84], 77, 79, centre="round").eval()  # margins 7 and 5: round 4 and 2
+    torch.testing.assert_close(odd(images), images[:, :, 4:81, 2:81])
+    torch.testing.assert_close(CropRandomizer([3, 84, 84], 77, 79).eval()(images), images[:, :, 3:80, 2:81])
+    # a 1-row feature map: the keypoint grid is its own memory (it loads in place)
+    SpatialSoftmax([8, 1, 2], num_kp=4).load_state_dict(SpatialSoftmax([8, 1, 2], num_kp=4).state_dict())
 
 
 def test_visual_core_stores_each_weight_once():

@@ -444,11 +444,14 @@ class DiffusionPolicy(nn.Module):
 
 def build_obs_encoder(config: DiffusionPolicyConfig) -> nn.Module:
     """The observation encoder of an image policy (``config.image_keys``; options in ``config.vision``)."""
-    from parapolicy.policy.vision import DPImageObsEncoder, ImageObsEncoder
+    from parapolicy.policy.vision import DPImageObsEncoder, ImageObsEncoder, LeRobotObsEncoder
 
     options = {"feature_dim": 64, **config.vision}
-    if options.pop("encoder", "visualcore") == "multi_image":  # DP's ResNet image policy (imported)
+    kind = options.pop("encoder", "visualcore")
+    if kind == "multi_image":  # DP's ResNet image policy (imported)
         return DPImageObsEncoder(config.image_keys, config.image_shape, config.obs_keys, **options)
+    if kind == "lerobot":  # LeRobot's image DiffusionPolicy (imported)
+        return LeRobotObsEncoder(config.image_keys, config.image_shape, config.obs_dim, **options)
     return ImageObsEncoder(config.image_keys, config.image_shape, config.obs_dim, **options)
 
 

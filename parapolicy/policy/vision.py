@@ -17,6 +17,9 @@ and nothing here needs it.
 - :class:`ImageObsEncoder`: what a parapolicy image policy conditions on: per camera crop + VisualCore,
   then the normalised low-dim vector, per observation step (:class:`DPImageObsEncoder`: the same call
   around DP's MultiImageObsEncoder, for imported ResNet image policies).
+- :class:`LeRobotRgbEncoder` / :class:`LeRobotObsEncoder`: LeRobot's ``DiffusionRgbEncoder`` (resize, crop,
+  ResNet-18 trunk, SpatialSoftmax, Linear + ReLU) under LeRobot's module names, and its global
+  conditioning (dataset-normalised images, state first), for imported LeRobot image policies.
 
 Images enter every encoder as float ``[N, 3, H, W]`` in [-1, 1] (Diffusion Policy's image range
 normaliser maps [0, 1] there; the policy does that conversion from uint8).
@@ -110,6 +113,12 @@ def resnet18(num_classes: int | None = 1000, norm: str = "batch") -> ResNet:
     return ResNet((2, 2, 2, 2), num_classes=num_classes, norm=norm)
 
 
+def trunk_output_shape(input_shape: Sequence[int]) -> list[int]:
+    """``[C, H, W]`` -> the ResNet-18 trunk's ``[512, ceil(H / 32), ceil(W / 32)]`` (five stride-2 stages)."""
+    _, h, w = input_shape
+    return [512, math.ceil(h / 32), math.ceil(w / 32)]
+
+
 class ResNet18Conv(nn.Module):
     """robomimic's ``ResNet18Conv``: ResNet-18 without avgpool and fc, as ``nets`` (a Sequential whose
     children are ``conv1 bn1 relu maxpool layer1..4``, named ``nets.0`` ... ``nets.7``)."""
@@ -119,8 +128,7 @@ class ResNet18Conv(nn.Module):
         self.nets = ResNet((2, 2, 2, 2), num_classes=None, norm=norm, in_channels=in_channels).trunk()
 
     def output_shape(self, input_shape: Sequence[int]) -> list[int]:
-        _, h, w = input_shape
-        return [512, math.ceil(h / 32), math.ceil(w / 32)]
+        return trunk_output_shape(input_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.nets(x)
@@ -184,8 +192,8 @@ class SpatialSoftmax(nn.Module):
             self.register_buffer("temperature", temperature)
         pos_y, pos_x = torch.meshgrid(torch.linspace(-1.0, 1.0, self._in_h), torch.linspace(-1.0, 1.0, self._in_w),
                                       indexing="ij")
-        self.register_buffer("pos_x", pos_x.reshape(1, -1).float())
-        self.register_buffer("pos_y", pos_y.reshape(1, -1).float())
+        self.register_buffer("pos_x", pos_x.reshape(1, -1).float().clone())  # own memory: meshgrid gives expanded views
+        self.register_buffer("pos_y", pos_y.reshape(1, -1).float().clone())
 
     def output_shape(self, input_shape: Sequence[int] | None = None) -> list[int]:
         return [self._num_kp, 2]
@@ -204,27 +212,38 @@ class SpatialSoftmax(nn.Module):
 # ----------------------------------------------------------------------------------------------- crop
 class CropRandomizer(nn.Module):
     """``[N, C, H, W] -> [N, C, crop_h, crop_w]``: an independent random crop per image in training
-    (``generator`` optional, for reproducible training), the centre crop in eval (robomimic's and
-    torchvision's: top = (H - crop_h) // 2)."""
+    (``generator`` optional, for reproducible training), the centre crop in eval. ``centre``: where an
+    odd margin puts the extra row: ``"floor"`` top = (H - crop_h) // 2 (robomimic's), ``"round"`` top =
+    round((H - crop_h) / 2), halves to even (torchvision's ``CenterCrop``, so LeRobot's)."""
 
-    def __init__(self, input_shape: Sequence[int], crop_height: int, crop_width: int):
+    def __init__(self, input_shape: Sequence[int], crop_height: int, crop_width: int, centre: str = "floor"):
         super().__init__()
         _, self.height, self.width = (int(v) for v in input_shape)
         if not (0 < crop_height <= self.height and 0 < crop_width <= self.width):
             raise ValueError(f"crop {crop_height}x{crop_width} does not fit in {self.height}x{self.width}")
+        if centre not in ("floor", "round"):
+            raise ValueError(f"centre must be 'floor' or 'round', got {centre!r}")
         self.crop_height, self.crop_width = int(crop_height), int(crop_width)
+        self.centre = centre
         self.generator: torch.Generator | None = None
 
     def output_shape(self, input_shape: Sequence[int]) -> list[int]:
         return [int(input_shape[0]), self.crop_height, self.crop_width]
+
+    def centre_crop(self, images: torch.Tensor) -> torch.Tensor:
+        h, w = int(images.shape[-2]), int(images.shape[-1])  # plain ints under torch.jit.trace too
+        if self.centre == "round":
+            top, left = int(round((h - self.crop_height) / 2.0)), int(round((w - self.crop_width) / 2.0))
+        else:
+            top, left = (h - self.crop_height) // 2, (w - self.crop_width) // 2
+        return images[:, :, top:top + self.crop_height, left:left + self.crop_width]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         n, _, h, w = images.shape
         if (h, w) != (self.height, self.width):
             raise ValueError(f"CropRandomizer built for {self.height}x{self.width} images, got {h}x{w}")
         if not self.training:
-            top, left = (h - self.crop_height) // 2, (w - self.crop_width) // 2
-            return images[:, :, top:top + self.crop_height, left:left + self.crop_width]
+            return self.centre_crop(images)
         gen_device = self.generator.device if self.generator is not None else "cpu"
         tops = torch.randint(0, h - self.crop_height + 1, (n,), generator=self.generator, device=gen_device).to(images.device)
         lefts = torch.randint(0, w - self.crop_width + 1, (n,), generator=self.generator, device=gen_device).to(images.device)
@@ -429,6 +448,96 @@ class DPImageObsEncoder(MultiImageObsEncoder):
         if keys:
             obs.update(zip(keys, torch.split(low_dim, dims, dim=-1)))
         return super().forward(obs)
+
+
+class LeRobotRgbEncoder(nn.Module):
+    """LeRobot's ``DiffusionRgbEncoder`` under its module names: ``[N, 3, H, W]`` (dataset-normalised)
+    -> ``[N, 2 * num_kp]``.
+
+    Optional resize to ``resize_shape`` (bilinear, antialiased: torchvision's ``Resize`` on tensors; none
+    when the size already matches), optional crop to ``crop_shape`` (random in training when
+    ``crop_is_random``, else and in eval the centre, rounded as torchvision's ``CenterCrop``), then
+    ``backbone`` (ResNet-18 without avgpool and fc, children ``0..7``; ``norm="group"`` for
+    ``use_group_norm``), ``pool`` (SpatialSoftmax, ``num_kp`` keypoints), flatten, ``out`` (Linear 2K ->
+    2K) and a ReLU.
+    """
+
+    def __init__(self, input_shape: Sequence[int], num_kp: int = 32, norm: str = "batch",
+                 resize_shape: Sequence[int] | None = None, crop_shape: Sequence[int] | None = None,
+                 crop_is_random: bool = True):
+        super().__init__()
+        shape = [int(v) for v in input_shape]
+        self.resize_shape = tuple(int(v) for v in resize_shape) if resize_shape else None
+        if self.resize_shape is not None:
+            shape = [shape[0], *self.resize_shape]
+        self.crop = CropRandomizer(shape, *crop_shape, centre="round") if crop_shape else None
+        if self.crop is not None:
+            shape = self.crop.output_shape(shape)
+        self.crop_is_random = bool(crop_is_random)
+        self.backbone = ResNet((2, 2, 2, 2), num_classes=None, norm=norm, in_channels=shape[0]).trunk()
+        self.pool = SpatialSoftmax(trunk_output_shape(shape), num_kp=num_kp)
+        self.feature_dim = 2 * int(num_kp)
+        self.out = nn.Linear(self.feature_dim, self.feature_dim)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.resize_shape is not None and tuple(x.shape[-2:]) != self.resize_shape:
+            x = F.interpolate(x, size=self.resize_shape, mode="bilinear", align_corners=False, antialias=True)
+        if self.crop is not None:
+            x = self.crop(x) if self.training and self.crop_is_random else self.crop.centre_crop(x)
+        return self.relu(self.out(torch.flatten(self.pool(self.backbone(x)), start_dim=1)))
+
+
+class LeRobotObsEncoder(nn.Module):
+    """A LeRobot image DiffusionPolicy's global conditioning per observation step, as a parapolicy
+    image policy's ``obs_encoder``: ``forward(images, low_dim) -> [N, output_dim]``.
+
+    ``images``: {key: ``[N, 3, H, W]`` in [-1, 1]} (the policy's range); each camera is mapped back to
+    [0, 1] and normalised with its dataset statistics as LeRobot's preprocessor does, ``(x - shift) /
+    scale + offset`` per channel (MEAN_STD: mean, std + eps, 0; MIN_MAX: min, (max - min) / 2, -1;
+    IDENTITY: 0, 1, 0), held in the buffers ``image_shift`` / ``image_scale`` / ``image_offset`` ``[cameras,
+    3, 1, 1]``. ``rgb_encoder``: one :class:`LeRobotRgbEncoder` per camera (a ``ModuleList``,
+    ``separate_encoders``) or one shared by all. ``low_dim`` ``[N, state_dim + env_dim]`` is the
+    normalised state then environment state; the output is LeRobot's order: state, the cameras'
+    features in ``image_keys`` order, environment state.
+    """
+
+    def __init__(self, image_keys: Sequence[str], image_shape: Sequence[int], low_dim: int, state_dim: int,
+                 num_kp: int = 32, norm: str = "batch", resize_shape: Sequence[int] | None = None,
+                 crop_shape: Sequence[int] | None = None, crop_is_random: bool = True,
+                 separate_encoders: bool = True, feature_dim: int | None = None):
+        super().__init__()
+        self.image_keys = list(image_keys)
+        self.low_dim, self.state_dim = int(low_dim), int(state_dim)
+        if not 0 <= self.state_dim <= self.low_dim:
+            raise ValueError(f"state_dim {state_dim} must be within the low-dim vector's {low_dim}")
+        options = dict(num_kp=num_kp, norm=norm, resize_shape=resize_shape, crop_shape=crop_shape,
+                       crop_is_random=crop_is_random)
+        self.separate_encoders = bool(separate_encoders)
+        if self.separate_encoders:
+            self.rgb_encoder = nn.ModuleList(LeRobotRgbEncoder(image_shape, **options) for _ in self.image_keys)
+        else:
+            self.rgb_encoder = LeRobotRgbEncoder(image_shape, **options)
+        self.feature_dim = 2 * int(num_kp)
+        if feature_dim is not None and int(feature_dim) != self.feature_dim:
+            raise ValueError(f"feature_dim {feature_dim} != 2 * num_kp = {self.feature_dim}")
+        self.output_dim = self.feature_dim * len(self.image_keys) + self.low_dim
+        cameras = len(self.image_keys)
+        self.register_buffer("image_shift", torch.zeros(cameras, 3, 1, 1))
+        self.register_buffer("image_scale", torch.ones(cameras, 3, 1, 1))
+        self.register_buffer("image_offset", torch.zeros(cameras, 1, 1, 1))
+
+    def forward(self, images: Mapping[str, torch.Tensor], low_dim: torch.Tensor | None = None) -> torch.Tensor:
+        frames = [((images[key] + 1.0) / 2.0 - self.image_shift[i]) / self.image_scale[i] + self.image_offset[i]
+                  for i, key in enumerate(self.image_keys)]
+        if self.separate_encoders:
+            features = torch.cat([encoder(x) for encoder, x in zip(self.rgb_encoder, frames)], dim=-1)
+        else:  # LeRobot's "(b s n)": every sample's cameras next to each other through the one encoder
+            n = frames[0].shape[0]
+            features = self.rgb_encoder(torch.stack(frames, dim=1).flatten(0, 1)).reshape(n, -1)
+        if low_dim is None:
+            low_dim = features.new_zeros(features.shape[0], 0)
+        return torch.cat([low_dim[:, : self.state_dim], features, low_dim[:, self.state_dim :]], dim=-1)
 
 
 def _per_key(value, key: str):
