@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 OBS_STATE, ACTION, OBS_IMAGES = "observation.state", "action", "observation.images"
+OBS_ENV_STATE = "observation.environment_state"
 
 
 @dataclass
@@ -54,7 +55,7 @@ class DiffusionConfig:
     clip_sample_range: float = 1.0
     num_inference_steps: int | None = None
     image_features: dict = field(default_factory=dict)  # {key: SimpleNamespace(shape=(3, H, W))}
-    env_state_feature: None = None
+    env_state_dim: int = 0  # > 0: an "observation.environment_state" input
     vision_backbone: str = "resnet18"
     resize_shape: tuple | None = None
     crop_ratio: float = 1.0
@@ -77,6 +78,10 @@ class DiffusionConfig:
     @property
     def robot_state_feature(self):
         return SimpleNamespace(shape=(self.state_dim,))
+
+    @property
+    def env_state_feature(self):
+        return SimpleNamespace(shape=(self.env_state_dim,)) if self.env_state_dim else None
 
 
 class SinusoidalEmbedding(nn.Module):
@@ -286,6 +291,8 @@ class DiffusionModel(nn.Module):
             else:
                 self.rgb_encoder = DiffusionRgbEncoder(config)
                 global_cond_dim += self.rgb_encoder.feature_dim * cameras
+        if config.env_state_feature:
+            global_cond_dim += config.env_state_feature.shape[0]
         self.unet = DiffusionConditionalUnet1d(config, global_cond_dim=global_cond_dim * config.n_obs_steps)
         kind = {"DDPM": DDPMScheduler, "DDIM": DDIMScheduler}[config.noise_scheduler_type]
         self.noise_scheduler = kind(
@@ -320,6 +327,8 @@ class DiffusionModel(nn.Module):
             else:  # "b s n ... -> (b s n) ...", then back
                 out = self.rgb_encoder(images.reshape(b * s * n, *images.shape[3:]))
                 feats.append(out.reshape(b, s, -1))
+        if self.config.env_state_feature:
+            feats.append(batch[OBS_ENV_STATE])
         return torch.cat(feats, dim=-1).flatten(start_dim=1)
 
     def generate_actions(self, batch, noise=None):
@@ -343,6 +352,8 @@ class DiffusionPolicy(nn.Module):
         self._queues = {OBS_STATE: deque(maxlen=self.config.n_obs_steps), ACTION: deque(maxlen=self.config.n_action_steps)}
         if self.config.image_features:
             self._queues[OBS_IMAGES] = deque(maxlen=self.config.n_obs_steps)
+        if self.config.env_state_feature:
+            self._queues[OBS_ENV_STATE] = deque(maxlen=self.config.n_obs_steps)
 
     @torch.no_grad()
     def predict_action_chunk(self, batch, noise=None):
@@ -354,7 +365,7 @@ class DiffusionPolicy(nn.Module):
         if self.config.image_features:  # cameras stacked into one key before queueing, as LeRobot does
             batch = dict(batch)
             batch[OBS_IMAGES] = torch.stack([batch[key] for key in self.config.image_features], dim=-4)
-        for key in [k for k in (OBS_STATE, OBS_IMAGES) if k in self._queues]:
+        for key in [k for k in (OBS_STATE, OBS_IMAGES, OBS_ENV_STATE) if k in self._queues]:
             queue = self._queues[key]
             if len(queue) == 0:
                 queue.extend([batch[key]] * queue.maxlen)
@@ -386,7 +397,8 @@ def save_pretrained(policy: DiffusionPolicy, folder, stats: dict, modes: dict | 
         "type": "diffusion",
         "n_obs_steps": cfg.n_obs_steps,
         "input_features": {**{key: {"type": "VISUAL", "shape": list(f.shape)} for key, f in cfg.image_features.items()},
-                           OBS_STATE: {"type": "STATE", "shape": [cfg.state_dim]}},
+                           OBS_STATE: {"type": "STATE", "shape": [cfg.state_dim]},
+                           **({OBS_ENV_STATE: {"type": "ENV", "shape": [cfg.env_state_dim]}} if cfg.env_state_dim else {})},
         "output_features": {ACTION: {"type": "ACTION", "shape": [cfg.action_dim]}},
         "device": "cpu",
         "normalization_mapping": modes,
@@ -421,7 +433,7 @@ def save_pretrained(policy: DiffusionPolicy, folder, stats: dict, modes: dict | 
     (folder / "config.json").write_text(json.dumps(config, indent=4))
     tensors = {k: v.contiguous() for k, v in policy.state_dict().items()}
     if legacy:
-        inputs = [("normalize_inputs", key) for key in (*cfg.image_features, OBS_STATE) if key in stats]
+        inputs = [("normalize_inputs", key) for key in (*cfg.image_features, OBS_STATE, OBS_ENV_STATE) if key in stats]
         for prefix, feature in (*inputs, ("normalize_targets", ACTION), ("unnormalize_outputs", ACTION)):
             for stat, value in stats[feature].items():
                 tensors[f"{prefix}.buffer_{feature.replace('.', '_')}.{stat}"] = value.float().clone().contiguous()

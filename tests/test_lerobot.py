@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from lerobot_standin import OBS_STATE, DiffusionConfig, DiffusionModel, DiffusionPolicy
+from lerobot_standin import OBS_ENV_STATE, OBS_STATE, DiffusionConfig, DiffusionModel, DiffusionPolicy
 from parapolicy.integrations.lerobot import accelerate, is_accelerated, restore
 
 
@@ -200,8 +200,9 @@ def image_policy(seed: int, **vision) -> DiffusionPolicy:
 
 def image_stats(g: torch.Generator) -> dict:
     state, action = torch.randn(200, 10, generator=g) * 2 + 1, torch.rand(200, 4, generator=g) * 1.6 - 0.8
+    env = torch.randn(200, 3, generator=g) * 0.5 - 2
     stats = {key: {"min": x.min(0).values, "max": x.max(0).values, "mean": x.mean(0), "std": x.std(0)}
-             for key, x in ((OBS_STATE, state), ("action", action))}
+             for key, x in ((OBS_STATE, state), ("action", action), (OBS_ENV_STATE, env))}
     for key in CAMERAS:  # per-channel statistics [3, 1, 1], as LeRobot's datasets store them
         mean, std = torch.rand(3, 1, 1, generator=g) * 0.4 + 0.3, torch.rand(3, 1, 1, generator=g) * 0.2 + 0.1
         stats[key] = {"mean": mean, "std": std, "min": mean - 2 * std, "max": mean + 2 * std}
@@ -209,8 +210,9 @@ def image_stats(g: torch.Generator) -> dict:
 
 
 @pytest.mark.parametrize("vision, modes, legacy", [
-    # GroupNorm, one encoder per camera, crop only with odd margins (torchvision's rounding: top 2, left 4)
-    ({"use_group_norm": True, "crop_shape": (37, 41)}, {}, False),
+    # GroupNorm, one encoder per camera, crop only with odd margins (torchvision's rounding: top 2, left 4),
+    # an environment state (conditioning: state, cameras, environment state)
+    ({"use_group_norm": True, "crop_shape": (37, 41), "env_state_dim": 3}, {}, False),
     # LeRobot's defaults: batch norm (an ImageNet start, weights saved), one encoder shared by both cameras,
     # resize then crop_ratio; MIN_MAX images; statistics as buffers (LeRobot < 0.4); DDIM
     ({"pretrained_backbone_weights": "ResNet18_Weights.IMAGENET1K_V1", "use_separate_rgb_encoder_per_camera": False,
@@ -234,18 +236,23 @@ def test_lerobot_image_checkpoint_plans_lerobots_actions(tmp_path, vision, modes
     cfg = ours.config
     ddim = vision.get("noise_scheduler_type") == "DDIM"
     assert ours.sampler_name == ("ddim" if ddim else "ddpm") and ours.num_inference_steps == 6
-    assert cfg.image_keys == list(CAMERAS) and cfg.image_shape == [3, 40, 48] and cfg.obs_keys == [OBS_STATE]
-    assert cfg.global_cond_dim == 2 * (10 + 2 * 16)
+    env_dim = vision.get("env_state_dim", 0)
+    assert cfg.image_keys == list(CAMERAS) and cfg.image_shape == [3, 40, 48]
+    assert cfg.obs_keys == [OBS_STATE] + ([OBS_ENV_STATE] if env_dim else [])
+    assert cfg.global_cond_dim == 2 * (10 + env_dim + 2 * 16)
 
     g = gen(3)
     state = torch.randn(2, 2, 10, generator=g) * 2 + 1
+    env = torch.randn(2, 2, env_dim, generator=g) * 0.5 - 2
     frames = {key: torch.randint(0, 256, (2, 2, 3, 40, 48), generator=g, dtype=torch.uint8) for key in CAMERAS}
     visual, state_mode = modes.get("VISUAL", "MEAN_STD"), modes.get("STATE", "MIN_MAX")
     with torch.no_grad():
         torch.manual_seed(4)
         images = torch.stack([lerobot_normalize(frames[key].float() / 255, stats[key], visual) for key in CAMERAS], dim=2)
-        normalized = policy.diffusion.generate_actions({OBS_STATE: lerobot_normalize(state, stats[OBS_STATE], state_mode),
-                                                        OBS_IMAGES: images})
+        batch = {OBS_STATE: lerobot_normalize(state, stats[OBS_STATE], state_mode), OBS_IMAGES: images}
+        if env_dim:
+            batch[OBS_ENV_STATE] = lerobot_normalize(env, stats[OBS_ENV_STATE], modes.get("ENV", "MIN_MAX"))
+        normalized = policy.diffusion.generate_actions(batch)
         reference = lerobot_normalize(normalized, stats[ACTION], "MIN_MAX", inverse=True)
     torch.manual_seed(4)  # the stock draw order: x_T, then one per step with t > 0
     x_T = torch.randn(2, 16, 4)
@@ -253,10 +260,11 @@ def test_lerobot_image_checkpoint_plans_lerobots_actions(tmp_path, vision, modes
     for i, t in enumerate(ours.sampler.timesteps):
         if int(t) > 0:
             noise[i] = torch.randn(2, 16, 4)
-    planned = ours.predict_action(state, images=frames, x_T=x_T, noise=None if ddim else noise)
+    history = torch.cat([state, env], dim=-1)  # our low-dim vector: state, then environment state
+    planned = ours.predict_action(history, images=frames, x_T=x_T, noise=None if ddim else noise)
     assert (planned["action"] - reference).abs().max() < 1e-5
     ours.enable_fast_path(backend="trace")  # the traced encoder (and denoiser) plan the same
-    fast = ours.predict_action(state, images=frames, x_T=x_T, noise=None if ddim else noise)
+    fast = ours.predict_action(history, images=frames, x_T=x_T, noise=None if ddim else noise)
     assert ours.fast_path.stats.backends["encoder B2"] == "trace" and (fast["action"] - reference).abs().max() < 1e-5
     ours.enable_fast_path(False)
     if not ddim:  # LeRobot's DDPM draws its step noise inside the loop, ours up front: act() draws differ

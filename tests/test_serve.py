@@ -547,3 +547,32 @@ def test_image_episode_through_the_server_reproduces_the_in_process_runner(lift_
     assert np.array_equal(np.stack(remote_actions), np.stack(env.actions))
     run = summary["runs"]["ddim@server"]
     assert run["n_episodes"] == 1 and run["n_calls"] == 1 and run["server_latency_ms"]["p50"] > 0
+
+
+def test_fast_path_image_server_prepares_the_encoder_for_every_batch_size(lift_image):
+    """fast_path on: the encoder gets a backend per batch size 1..max_batch before the server listens
+    (beside the denoiser's), and the served image chunks equal the plain path's."""
+    import copy
+
+    histories = [[image_observations(2, seed=40 + 10 * r + k) for k in range(2)] for r in range(2)]
+
+    def run(url):
+        clients = [RemotePolicy(url) for _ in histories]
+        out = [[c.infer([c.observation(o) for o in steps], reset=k == 0, seed=200 + r if k == 0 else None)["action"]
+                for k, steps in enumerate(histories[r])] for r, c in enumerate(clients)]
+        for c in clients:
+            c.close()
+        return np.array(out)
+
+    fast = copy.copy(lift_image)  # a shallow copy shares the weights; only its fast path differs
+    fast.enable_fast_path(True, backend="trace")
+    with serve(lift_image, max_batch=2, max_wait_ms=0) as server:
+        plain = run(server.url)
+    with serve(fast, max_batch=2, max_wait_ms=1) as server:  # batching on: sizes 1 and 2 prepared
+        backends = server.server.metadata["fast_path"]["backends"]
+        assert {k: v for k, v in backends.items() if k.startswith("encoder")} == {"encoder B1": "trace",
+                                                                                  "encoder B2": "trace"}
+        prepared = dict(fast.fast_path.stats.warmup_s)
+        got = run(server.url)
+        assert dict(fast.fast_path.stats.warmup_s) == prepared  # no request met an unprepared shape
+    np.testing.assert_allclose(got, plain, atol=1e-5, rtol=0)
