@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -272,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     print("$ " + shlex.join([sys.executable, *sys.argv]))
     import torchvision
 
+    # robomimic 0.2.0 builds its ResNet with pretrained=False, which torchvision now warns about
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"torchvision\.models")
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}; DP {args.dp_src}, robomimic {args.robomimic_src}")
     failed = False
     with tempfile.TemporaryDirectory(prefix="check_dp_image_") as tmp:

@@ -27,17 +27,22 @@ from parapolicy.policy import load_policy
 from parapolicy.policy.unet import ConditionalUnet1D
 from parapolicy.policy.vision import ResNet18Conv
 
-# DP's task/lift_image.yaml order: cameras interleaved with the low-dim keys
+# DP's task/lift_image.yaml lists the cameras first, then the low-dim keys: that maps onto our layout
+# unpermuted. Here cameras and low-dim keys interleave and the order is not alphabetical, so that the FiLM
+# column permutation and robomimic's insertion order (not sorted) are exercised; each kind keeps
+# lift_image's relative order (our env match needs it).
 SHAPE_META = {
     "obs": {
-        "agentview_image": {"shape": [3, 84, 84], "type": "rgb"},
         "robot0_eef_pos": {"shape": [3]},
+        "agentview_image": {"shape": [3, 84, 84], "type": "rgb"},
         "robot0_eef_quat": {"shape": [4]},
-        "robot0_eye_in_hand_image": {"shape": [3, 84, 84], "type": "rgb"},
         "robot0_gripper_qpos": {"shape": [2]},
+        "robot0_eye_in_hand_image": {"shape": [3, 84, 84], "type": "rgb"},
     },
     "action": {"shape": [7]},
 }
+# DP's MultiImageObsEncoder sorts rgb keys and low-dim keys: reversed, so that the sorting is exercised
+RESNET_SHAPE_META = {"obs": dict(reversed(list(SHAPE_META["obs"].items()))), "action": SHAPE_META["action"]}
 CAMERAS = ["agentview_image", "robot0_eye_in_hand_image"]
 LOW_DIM = {"robot0_eef_pos": 3, "robot0_eef_quat": 4, "robot0_gripper_qpos": 2}
 NUM_KP, FEATURE, STEP_DIM, DOWN = 8, 16, 16, [16, 32]
@@ -47,7 +52,7 @@ SCHEDULER = {"_target_": "diffusers.schedulers.scheduling_ddpm.DDPMScheduler", "
 
 
 def hybrid_config(policy_target="diffusion_policy.policy.diffusion_unet_hybrid_image_policy.DiffusionUnetHybridImagePolicy",
-                  abs_action=False, **policy_extra):
+                  abs_action=False, shape_meta=SHAPE_META, **policy_extra):
     """The composed train_diffusion_unet_hybrid_workspace + task/lift_image config, unresolved as in the yaml."""
     cfg = {
         "name": "train_diffusion_unet_hybrid", "_target_": "diffusion_policy.workspace.train_diffusion_unet_hybrid_workspace"
@@ -60,7 +65,7 @@ def hybrid_config(policy_target="diffusion_policy.policy.diffusion_unet_hybrid_i
                    "n_groups": 8, "cond_predict_scale": True, "obs_encoder_group_norm": True, "eval_fixed_crop": True,
                    **policy_extra},
         "training": {"use_ema": True, "seed": 42},
-        "task": {"name": "lift_image", "task_name": "lift", "shape_meta": SHAPE_META, "abs_action": abs_action},
+        "task": {"name": "lift_image", "task_name": "lift", "shape_meta": shape_meta, "abs_action": abs_action},
     }
     conf = OmegaConf.create(cfg)
     OmegaConf.set_struct(conf, True)
@@ -245,7 +250,7 @@ IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).reshape(1, 3, 1, 1)
 
 def resnet_image_config():
     cfg = OmegaConf.to_container(hybrid_config(policy_target="diffusion_policy.policy.diffusion_unet_image_policy"
-                                               ".DiffusionUnetImagePolicy"))
+                                               ".DiffusionUnetImagePolicy", shape_meta=RESNET_SHAPE_META))
     for key in ("crop_shape", "obs_encoder_group_norm", "eval_fixed_crop"):
         cfg["policy"].pop(key)
     cfg["policy"]["obs_encoder"] = {
