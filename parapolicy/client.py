@@ -175,6 +175,11 @@ class RemotePolicy:
                         server_ms=timing["server_ms"], batch=timing["batch"], warm=timing["warm"],
                         deadline_missed=timing["deadline_missed"])
         action = self._queue.popleft()
+        space = self.metadata.get("action_space", "delta")
+        if space != "delta":  # a pose (absolute_rot6d) to robosuite's absolute command, as a local act() does
+            from parapolicy.policy.action_space import to_env_action  # torch: only for such policies
+
+            action = to_env_action(action, space)
         info["latency_s"] = time.perf_counter() - start
         self.last_info = info
         return action

@@ -397,3 +397,70 @@ def test_abs_action_variants_it_cannot_run_are_refused_by_name(tmp_path, task_na
     with pytest.raises(UnsupportedCheckpointError, match=message):
         convert(source, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------- served and real-time loops
+def test_served_absolute_policy_acts_like_the_local_one():
+    from parapolicy.client import RemotePolicy
+    from parapolicy.serving.server import PolicyServer, ServerThread
+
+    policy = abs_policy(prediction_type="epsilon")
+    policy.normalizer.action.set_stats(torch.tensor([-0.2, -0.3, 0.8] + [-1.0] * 7), torch.tensor([0.2, 0.3, 1.2] + [1.0] * 7))
+    obs = np.random.default_rng(12).normal(size=(10, 19)).astype(np.float32)
+    policy.reset()
+    torch.manual_seed(13)
+    local = np.stack([policy.act(o) for o in obs])
+    with ServerThread(PolicyServer(policy, "127.0.0.1", 0)) as server, RemotePolicy(server.url) as remote:
+        assert remote.metadata["action_space"] == "absolute_rot6d" and remote.metadata["action_dim"] == 10
+        remote.reset(seed=13)  # the server draws this robot's noise as torch.manual_seed(13) does locally
+        served = np.stack([remote.act(o) for o in obs])
+    assert served.shape == (10, 7)
+    np.testing.assert_array_equal(served, local)
+
+
+def test_async_policy_returns_env_commands_of_an_absolute_policy():
+    from parapolicy.realtime import AsyncPolicy
+
+    target = np.array([0.05, -0.02, 1.02, 2.2, 2.1, 0.1, 1.0])
+    target10 = from_env_action(target, "absolute_rot6d")
+    obs = np.zeros(19, np.float32)
+    with AsyncPolicy(abs_policy(target10, prediction_type="sample"), control_hz=20) as loop:
+        actions = np.stack([loop.act(obs) for _ in range(20)])
+    assert actions.shape == (20, 7)
+    np.testing.assert_allclose(actions[:, :6], np.broadcast_to(target[:6], (20, 6)), atol=1e-4)
+
+
+@pytest.mark.slow  # a ~45 MB DP hybrid workspace file (ResNet-18 weights) written, read and converted
+def test_dp_abs_action_hybrid_image_checkpoint_converts_for_the_abs_image_task(tmp_path):
+    from omegaconf import OmegaConf
+
+    from dp_format import write_dp_checkpoint
+    from parapolicy.convert import convert
+    from parapolicy.policy import load_policy
+    from parapolicy.policy.unet import ConditionalUnet1D
+    from test_dp_image_import import CAMERAS, DOWN, STEP_DIM, hybrid_config, hybrid_state_dict
+
+    full = hybrid_state_dict()  # DPCHECK's DP-layout weights (7-dim U-Net): its encoder and normalisers kept
+    cond_dim = full["model.mid_modules.0.cond_encoder.1.weight"].shape[1]  # step embedding + global conditioning
+    sd = {k: v for k, v in full.items() if not k.startswith(("model.", "normalizer.params_dict.action."))}
+    torch.manual_seed(1)
+    unet = ConditionalUnet1D(input_dim=10, global_cond_dim=cond_dim - STEP_DIM, diffusion_step_embed_dim=STEP_DIM,
+                             down_dims=DOWN, kernel_size=5, n_groups=8)
+    sd.update({f"model.{k}": v.detach().clone() for k, v in unet.state_dict().items()})
+    poses = torch.cat([torch.randn(100, 3) * 0.1, axis_angle_to_rotation_6d(torch.randn(100, 3)).float(),
+                       torch.ones(100, 1)], dim=1)
+    scale, offset = dp_abs_action_normaliser(poses)
+    sd["normalizer.params_dict.action.scale"], sd["normalizer.params_dict.action.offset"] = scale, offset
+    cfg = hybrid_config(abs_action=True)
+    OmegaConf.set_struct(cfg, False)
+    cfg.task.shape_meta.action.shape = [10]
+    policy = load_policy(convert(write_dp_checkpoint(tmp_path / "dp.ckpt", cfg, sd, sd), tmp_path / "out"))
+    config = policy.config
+    assert (config.action_space, config.action_dim, config.env) == ("absolute_rot6d", 10, "lift_image_abs")
+    assert config.image_keys == CAMERAS
+    x = torch.randn(8, 10)
+    torch.testing.assert_close(policy.normalizer.action.normalize(x), x * scale + offset, atol=1e-5, rtol=1e-5)
+    frames = {key: np.random.default_rng(0).integers(0, 256, (84, 84, 3), dtype=np.uint8) for key in CAMERAS}
+    obs = {**frames, "robot0_eef_pos": np.zeros(3), "robot0_eef_quat": np.array([0, 0, 0, 1.0]),
+           "robot0_gripper_qpos": np.zeros(2)}
+    assert policy.act(obs).shape == (7,)

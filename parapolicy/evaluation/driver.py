@@ -143,6 +143,9 @@ def run_server_eval(cfg: DictConfig, out_dir: Path) -> dict:
         obs_dim = _task_obs_dim(cfg.env.name)
         if int(meta["obs_dim"]) != obs_dim:
             raise ValueError(f"server policy expects obs_dim={meta['obs_dim']}, env {cfg.env.name!r} gives {obs_dim}")
+        space, control = meta.get("action_space", "delta"), _task_control(cfg.env.name)
+        if (space == "delta") != (control == "delta"):
+            raise ValueError(f"server policy plans action_space={space!r}, env {cfg.env.name!r} takes {control} commands")
         sampler = meta["sampler"]
         print(f"eval through {url}: server plans with {sampler['name']} ({sampler['num_inference_steps']} steps, "
               f"options {sampler['options']}, warm_start {sampler.get('warm_start')}), checkpoint "
@@ -205,6 +208,12 @@ def check_policy_fits_task(config, task_name: str, checkpoint) -> None:
         fix = f"{task_name}_abs" if space != "delta" else task_name.removesuffix("_abs")
         raise ValueError(f"checkpoint {checkpoint} plans {'absolute poses' if space != 'delta' else 'OSC_POSE deltas'} "
                          f"(action_space={space!r}), env {task_name!r} takes {task.control} commands: use env={fix}")
+
+
+def _task_control(task: str) -> str:
+    from parapolicy.envs.robosuite_env import get_task
+
+    return get_task(task).control
 
 
 def _task_obs_dim(task: str) -> int:

@@ -68,6 +68,7 @@ class AsyncPolicy:
         self.horizon = int(meta["horizon"]) if self._remote else cfg.horizon
         self.n_obs_steps = int(meta["n_obs_steps"]) if self._remote else cfg.n_obs_steps
         self.action_dim = int(meta["action_dim"]) if self._remote else cfg.action_dim
+        self.action_space = meta.get("action_space", "delta") if self._remote else getattr(cfg, "action_space", "delta")
         self.start = self.n_obs_steps - 1
         n_action_steps = int(meta["n_action_steps"]) if self._remote else cfg.n_action_steps
         horizon = n_action_steps if execution_horizon is None else execution_horizon
@@ -146,6 +147,10 @@ class AsyncPolicy:
         self._step += 1
         info["latency_s"] = time.perf_counter() - begin
         self.last_info = info
+        if self.action_space != "delta":  # absolute_rot6d poses -> robosuite's absolute command
+            from parapolicy.policy.action_space import to_env_action
+
+            action = to_env_action(action, self.action_space)
         return action
 
     def _take(self, result: dict, info: dict) -> None:
@@ -163,7 +168,8 @@ class AsyncPolicy:
     def _action_at(self, step: int) -> tuple[np.ndarray, str]:
         j = step - self._chunk_step + self.start
         if j >= self.horizon:
-            hold = np.zeros(self.action_dim, dtype=np.float32)
+            # deltas: zero; absolute poses: the last commanded pose again (the arm settles there and stays)
+            hold = np.zeros(self.action_dim, dtype=np.float32) if self.action_space == "delta" else self._executed[-1].copy()
             hold[-1] = self._gripper
             return hold, "stall"
         return np.asarray(self._chunk[j], dtype=np.float32), "chunk"

@@ -222,6 +222,7 @@ class PolicyServer:
         return {
             "type": "metadata", "protocol": PROTOCOL_VERSION, "protocols": list(PROTOCOLS), "obs_keys": list(cfg.obs_keys),
             "obs_key_dims": _obs_key_dims(cfg), "obs_dim": cfg.obs_dim, "action_dim": cfg.action_dim,
+            "action_space": cfg.action_space,  # absolute_rot6d: chunks are poses, RemotePolicy.act converts them
             "horizon": cfg.horizon, "n_obs_steps": cfg.n_obs_steps, "n_action_steps": cfg.n_action_steps,
             "env": cfg.env, "sampler": sampler, "checkpoint": checkpoint_info(checkpoint),
             "device": str(policy.device), "torch_threads": torch.get_num_threads(),
