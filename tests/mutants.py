@@ -19,6 +19,8 @@ each module's list holds in-process tests.
 from __future__ import annotations
 
 import argparse
+import collections
+import fcntl
 import json
 import os
 import shutil
@@ -30,33 +32,62 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 SCRATCH = REPO / ".mutants"
 
-# name -> (file to mutate, test files, optional mutmut name globs narrowing the functions run)
+# name -> (file to mutate, test files or test ids, optional mutmut name globs narrowing the functions run).
+# Narrowed where a full run does not finish on a loaded 2-core machine (each surviving mutant reruns every
+# test that reaches it): the functions named are the ones that carry the module's algorithm or routing.
 MODULES: dict[str, tuple[str, list[str], list[str]]] = {
-    "base": ("parapolicy/samplers/base.py", ["tests/test_samplers.py", "tests/test_srds_parataa.py"], []),
+    "base": ("parapolicy/samplers/base.py", ["tests/test_samplers.py"],
+             # what the parallel samplers build on: windows, budgets, noise levels, noise, init, x0 clipping
+             # (not: repr / option listing / the sequential loop, which every parity test covers anyway)
+             ["*_slide_window*", "*_out_of_budget*", "*step_alphas_cumprod*", "*xǁSamplerǁscaled_noise*",
+              "*unit_noise*", "*initial_trajectory*", "*_clip_denoised*", "*_denoised_from_output*",
+              "*_x0_and_eps*", "*merge_timestep_spacing*", "*check_positive_int*"]),
     "picard": ("parapolicy/samplers/picard.py", ["tests/test_samplers.py", "tests/test_warm_start.py",
                                                  "tests/test_tolerance.py"], []),
     "srds": ("parapolicy/samplers/srds.py", ["tests/test_srds_parataa.py", "tests/test_tolerance.py"], []),
     "parataa": ("parapolicy/samplers/parataa.py", ["tests/test_srds_parataa.py"], []),
     "safe_pickle": ("parapolicy/importers/safe_pickle.py", ["tests/test_convert.py", "tests/test_dp_importer.py"], []),
     "dp_importer": ("parapolicy/importers/diffusion_policy.py", ["tests/test_convert.py",
-                                                               "tests/test_dp_importer.py"], []),
-    "runner": ("parapolicy/runner.py", ["tests/test_runner.py"], []),
-    "server": ("parapolicy/serving/server.py", ["tests/test_serve.py", "tests/test_serve_batching.py"],
-               # the batching: the queue, the batch-forming loop and the per-robot bookkeeping
-               ["*RobotSession*", "*_answer*", "*_next_batch*", "*_batch_loop*", "*_plan__*"]),
+                                                               "tests/test_dp_importer.py"],
+                    # what decides whether and how a checkpoint converts: refusals, dims, normalisers,
+                    # scheduler, the written policy (not: hashing, excerpts for the report)
+                    ["*check_supported*", "*_dims_from_weights*", "*_affine*", "*dp_affine_to_minmax*", "*x__int*",
+                     "*build_config*", "*read_scheduler*", "*read_dp_checkpoint*", "*x_cfg_get*"]),
+    # the row routing: which env's observation goes to which row, which generator draws which row's noise
+    # (run_batch itself: every surviving mutant costs the 40 s of robosuite episodes; see RESULTS.md)
+    "runner": ("parapolicy/runner.py", ["tests/test_runner.py"],
+               ["*x_row_of*", "*x_policy_inputs*", "*x_draw_noise*", "*x_draw_candidates*", "*x_draw_prefix_noise*"]),
+    "server": ("parapolicy/serving/server.py",
+               ["tests/test_serve_batching.py",
+                "tests/test_serve.py::test_remote_warm_start_equals_local_and_robots_keep_separate_histories",
+                "tests/test_serve.py::test_batching_gives_each_robot_its_unbatched_actions",
+                "tests/test_serve.py::test_every_bad_input_gets_its_error_and_the_connection_stays_usable",
+                "tests/test_serve.py::test_deadline_is_flagged"],
+               # the batching: the per-robot session, one request's path (_answer), the batch-forming loop,
+               # the grouping of rows by what predict_action does for all of them, and the batched plan
+               ["*RobotSession*", "*_Pendingǁsignature*", "*_answer*", "*_next_batch*", "*_batch_loop*",
+                "*_plan__*"]),
 }
 
+# pytest marker expression per module (default: no robosuite episodes, no GPU). The runner's tests are
+# robosuite episodes by nature: without them nothing runs its row bookkeeping.
+MARKERS: dict[str, str] = {"runner": "not gpu"}
+DEFAULT_MARKERS = "not slow and not gpu"
 
-def pyproject(source: str, tests: list[str]) -> str:
-    existing = [t for t in tests if (REPO / t).exists()]
+
+def pyproject(source: str, tests: list[str], markers: str = DEFAULT_MARKERS) -> str:
+    existing = [t for t in tests if (REPO / t.split("::")[0]).exists()]
     lines = [
         "[tool.mutmut]",
         'source_paths = ["parapolicy"]',
         f'only_mutate = ["{source}"]',
         f"pytest_add_cli_args_test_selection = {json.dumps(existing)}",
         # quiet; one torch thread per test process (the harness forks one per mutant)
-        'pytest_add_cli_args = ["-q", "-p", "no:cacheprovider", "-m", "not slow and not gpu"]',
-        "timeout_multiplier = 10.0",
+        f'pytest_add_cli_args = ["-q", "-p", "no:cacheprovider", "-m", "{markers}"]',
+        # a mutant that never ends (a loop that stops advancing) is stopped after (its tests' time + 1 s)
+        # x 2 x this many CPU seconds (the time was measured under load: headroom); mutmut's default, 15,
+        # cost half an hour per such mutant on this machine
+        "timeout_multiplier = 1.0",
         "",
         "[tool.pytest.ini_options]",
         'testpaths = ["tests"]',
@@ -66,35 +97,43 @@ def pyproject(source: str, tests: list[str]) -> str:
     return "\n".join(lines)
 
 
-def run_module(name: str, max_children: int, log, mutants: list[str] | None = None, tag: str = "") -> dict:
+def run_module(name: str, max_children: int, log, mutants: list[str] | None = None, tag: str = "",
+               resume: bool = False) -> dict:
     source, tests, globs = MODULES[name]
     globs = mutants or globs
     work = SCRATCH / (name + (f"-{tag}" if tag else ""))
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    shutil.copytree(REPO / "parapolicy", work / "parapolicy", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(REPO / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__"))
-    # mutmut runs the tests inside mutants/, and the package finds the repository two folders above its
-    # (mutated) files: the shipped checkpoints, the configs and the env side are linked in there
-    (work / "mutants").mkdir()
-    for linked in ("checkpoints", "conf", "envs", "benchmarks", "README.md"):
-        if (REPO / linked).exists():
-            os.symlink(REPO / linked, work / "mutants" / linked)
-    (work / "pyproject.toml").write_text(pyproject(source, tests))
+    if not (resume and (work / "mutants").exists()):
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True)
+        shutil.copytree(REPO / "parapolicy", work / "parapolicy", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(REPO / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+        # mutmut runs the tests inside mutants/, and the package finds the repository two folders above its
+        # (mutated) files: the shipped checkpoints, the configs and the env side are linked in there
+        (work / "mutants").mkdir()
+        for linked in ("checkpoints", "conf", "envs", "benchmarks", "README.md"):
+            if (REPO / linked).exists():
+                os.symlink(REPO / linked, work / "mutants" / linked)
+    # (resuming: mutmut keeps the verdicts it has and tests the rest; a changed timeout retests timeouts)
+    (work / "pyproject.toml").write_text(pyproject(source, tests, MARKERS.get(name, DEFAULT_MARKERS)))
     mutmut = Path(sys.executable).with_name("mutmut")
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
     start = time.time()
     cmd = [str(mutmut), "run", "--max-children", str(max_children), *globs]
     print(f"[{name}] {' '.join(cmd)} in {work}", file=log, flush=True)
     proc = subprocess.run(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
-    subprocess.run([str(mutmut), "export-cicd-stats"], cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
-    stats_path = work / "mutants" / "mutmut-cicd-stats.json"
-    stats = json.loads(stats_path.read_text()) if stats_path.exists() else {}
-    results = subprocess.run([str(mutmut), "results"], cwd=work, env=env, capture_output=True, text=True).stdout
-    survivors = [line.strip() for line in results.splitlines()
-                 if line.strip().endswith((": survived", ": timeout", ": no tests"))]
+    # mutmut's own totals count every mutant of the file; these count the ones this run selected
+    # ("not checked": outside the function globs, or not reached when a run was stopped)
+    results = subprocess.run([str(mutmut), "results", "--all", "true"], cwd=work, env=env, capture_output=True,
+                             text=True).stdout
+    verdicts = dict(line.strip().rsplit(": ", 1) for line in results.splitlines() if ": " in line)
+    counts = collections.Counter(verdicts.values())
+    checked = {k: v for k, v in verdicts.items() if v != "not checked"}
+    survivors = [f"{k}: {v}" for k, v in checked.items() if v in ("survived", "timeout", "no tests", "suspicious")]
     (work / "survivors.txt").write_text("\n".join(survivors) + "\n")
+    stats = {"total": len(checked), "killed": counts["killed"], "survived": counts["survived"],
+             "no_tests": counts["no tests"], "timeout": counts["timeout"], "suspicious": counts["suspicious"],
+             "not_checked": counts["not checked"]}
     stats.update(module=name, source=source, tests=tests, functions=globs or "all", returncode=proc.returncode,
                  minutes=round((time.time() - start) / 60, 1), survivors=[s.split(":")[0] for s in survivors])
     print(json.dumps({k: v for k, v in stats.items() if k != "survivors"}), file=log, flush=True)
@@ -104,12 +143,14 @@ def run_module(name: str, max_children: int, log, mutants: list[str] | None = No
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("modules", nargs="*", help=f"some of: {', '.join(MODULES)} (default: all)")
-    parser.add_argument("--max-children", type=int, default=2, help="mutants tested at once (default 2)")
+    parser.add_argument("--max-children", type=int, default=1, help="mutants tested at once (default 1)")
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--mutants", nargs="+", help="only these mutant names / globs (e.g. an earlier run's survivors)")
     parser.add_argument("--survivors-of", help="only the survivors (and timeouts) listed in this earlier run's "
                         "survivors.txt")
     parser.add_argument("--tag", default="", help="scratch folder suffix (keeps an earlier run's folder)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run in its scratch folder "
+                        "(same sources and tests) instead of starting over")
     args = parser.parse_args(argv)
     if args.list:
         for name, (source, tests, globs) in MODULES.items():
@@ -118,14 +159,25 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(args.modules) - set(MODULES))
     if unknown:
         parser.error(f"unknown modules {unknown}; known: {', '.join(MODULES)}")
+    # One run at a time: a second run of the same module deletes the scratch folder under the first, whose
+    # mutmut then dies on its next relative write (FileNotFoundError: mutants/....py.meta).
+    SCRATCH.mkdir(exist_ok=True)
+    lock = open(SCRATCH / ".lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        parser.error(f"another mutation run holds {SCRATCH / '.lock'}; wait for it to end")
     summary = {}
     for name in args.modules or list(MODULES):
         mutants = args.mutants
         if args.survivors_of:
             lines = Path(args.survivors_of).read_text().split()
             mutants = [w.rstrip(":") for w in lines if "__mutmut_" in w]
-        summary[name] = run_module(name, args.max_children, sys.stdout, mutants, args.tag)
-    (SCRATCH / f"summary{'-' + args.tag if args.tag else ''}.json").write_text(json.dumps(summary, indent=1))
+        summary[name] = run_module(name, args.max_children, sys.stdout, mutants, args.tag, args.resume)
+    # one file per tag, merged over runs (modules are often run one at a time)
+    summary_path = SCRATCH / f"summary{'-' + args.tag if args.tag else ''}.json"
+    merged = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    summary_path.write_text(json.dumps({**merged, **summary}, indent=1))
     print(f"{'module':12s} {'total':>6s} {'killed':>6s} {'survived':>8s} {'no tests':>8s} {'timeout':>7s}  minutes")
     for name, s in summary.items():
         print(f"{name:12s} {s.get('total', 0):6d} {s.get('killed', 0):6d} {s.get('survived', 0):8d} "

@@ -24,10 +24,7 @@ from policy_synthetic import tiny_config
 LIFT_KEYS = ["object", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos"]
 SEEDS = [100007, 100011, 100013]
 
-pytestmark = pytest.mark.slow  # robosuite episodes
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # robosuite episodes, one torch thread
 
 
 class RowPolicy:

@@ -213,6 +213,10 @@ def test_srds_rounds_follow_the_pipeline_and_never_exceed_n(n, blocks, iteration
     if tolerance == 0:
         assert len(out.errors) == iterations and not out.converged  # max_iters < B: not exact
         assert out.rounds == srds_depth(srds.boundaries, iterations, warm)
+        # every solve once: F_b for b >= k in iterations k = 1..K, and for b > K the first evaluation of
+        # iteration K + 1 (it gives G_b(X^K_{b-1})); no duplicated, no superfluous evaluation
+        s = srds.boundaries
+        assert out.model_evals == sum(n - s[k - 1] for k in range(1, iterations + 1)) + blocks - iterations
 
 
 def test_srds_depth_bound_over_many_schedules():
@@ -249,6 +253,33 @@ def test_srds_warm_start_from_the_answer_takes_one_iteration():
     assert warm.converged and len(warm.errors) == 1 and warm.errors[0] < 1e-6
     assert warm.rounds == srds_depth(srds.boundaries, 1, warm=True) == 10 + 9  # L_1 + B - 1
     assert rel_err(warm.trajectory, expected.trajectory) < 1e-12
+
+
+def test_srds_deadline_after_the_coarse_sweep_returns_the_coarse_sweep(monkeypatch):
+    """Stopped by its deadline after round B (before iteration 1 is done), SRDS returns iteration 0, the
+    coarse sweep X^0_b = G_b(X^0_{b-1}) at the block boundaries, not the initial noise. With trailing
+    spacing and equal blocks, DDIM's coarse sweep is DDIM with B steps (blocks of DDIM-20 start at
+    t = 99, 74, 49, 24 like DDIM-4's steps), so diffusers' DDIM-4 is the reference. A fake clock that
+    advances one second per model call makes the stop deterministic."""
+    from parapolicy.samplers import srds as srds_module
+
+    clock = [0.0]
+    monkeypatch.setattr(srds_module, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: clock[0])}))
+    model = net_denoiser()
+
+    def denoise(x, t):
+        clock[0] += 1.0
+        return model(x, t)
+
+    n, blocks = 20, 4
+    x_T, _ = inputs(n)
+    srds = make_sampler("parasrdsddim", POLICY, n, num_blocks=blocks, timestep_spacing="trailing", tolerance=0,
+                        deadline_ms=blocks * 1e3 - 500)
+    out = srds.sample(denoise, x_T)
+    coarse = make_sampler("ddim", POLICY, blocks, timestep_spacing="trailing").sample(net_denoiser(), x_T)
+    assert out.rounds == blocks and not out.converged and out.errors == []
+    assert rel_err(out.trajectory[srds.boundaries[1:]], coarse.trajectory[1:]) < 1e-6
+    assert rel_err(out.sample, coarse.sample) < 1e-6
 
 
 @pytest.mark.parametrize("name", ["parasrdsddpm", "parataaddpm"])
