@@ -53,8 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     config = json.loads((out / "config.json").read_text())
     policy, origin = config["policy"], config["training"]["converted_from"]
     weights = origin.get("weights", "the")
+    space = policy.get("action_space", "delta")
+    space = f" ({space}: run it on a *_abs env)" if space != "delta" else ""
     print(f"wrote {out}: {weights} weights of {origin['source']} (sha256 {origin['sha256'][:12]}...), "
-          f"obs_dim {policy['obs_dim']}, action_dim {policy['action_dim']}, horizon {policy['horizon']}, "
+          f"obs_dim {policy['obs_dim']}, action_dim {policy['action_dim']}{space}, horizon {policy['horizon']}, "
           f"down_dims {policy['down_dims']}, {config['num_parameters']:,} parameters, sampler "
           f"{policy['sampler']}-{policy['num_inference_steps']}, env {policy['env']}")
     return 0

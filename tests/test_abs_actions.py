@@ -464,3 +464,12 @@ def test_dp_abs_action_hybrid_image_checkpoint_converts_for_the_abs_image_task(t
     obs = {**frames, "robot0_eef_pos": np.zeros(3), "robot0_eef_quat": np.array([0, 0, 0, 1.0]),
            "robot0_gripper_qpos": np.zeros(2)}
     assert policy.act(obs).shape == (7,)
+
+
+def test_convert_cli_says_the_action_space(tmp_path, capsys):
+    from parapolicy.convert import main
+
+    source, _, _ = write_abs_checkpoint(tmp_path / "dp.ckpt")
+    assert main([str(source), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "action_dim 10 (absolute_rot6d: run it on a *_abs env)" in out and out.rstrip().endswith("env square_abs")
