@@ -188,3 +188,132 @@ def test_forecast_chunks_start_at_their_planned_step():
     for t in switches:
         assert START <= actions[t, 1] <= START + 6  # never a position before start (no action for the past)
     assert policy.stats["stalls"] == 0
+
+
+def _image_obs(policy, rng):
+    """A robosuite-style obs dict for ``tiny_image_policy``: random proprio in range, random upright frames."""
+    low, high = policy.normalizer.obs.min.numpy(), policy.normalizer.obs.max.numpy()
+    flat = low + rng.random(low.shape).astype(np.float32) * (high - low)
+    obs = {"robot0_eef_pos": flat[:3], "robot0_eef_quat": flat[3:7], "robot0_gripper_qpos": flat[7:9]}
+    for key in policy.config.image_keys:
+        obs[key] = rng.integers(0, 256, size=(84, 84, 3), dtype=np.uint8)
+    return obs
+
+
+class PlanRecorder:
+    """Wraps a real policy: records what each predict_action call was given, then plans with it."""
+
+    def __init__(self, policy):
+        self.policy, self.config, self.normalizer, self.calls = policy, policy.config, policy.normalizer, []
+
+    def _flat_obs(self, obs):
+        return self.policy._flat_obs(obs)
+
+    def _obs_images(self, obs):
+        return self.policy._obs_images(obs)
+
+    def predict_action(self, obs_history, generator=None, **kwargs):
+        state = generator.get_state().clone()
+        self.calls.append({"obs": obs_history.clone(), "state": state,
+                           "images": {k: v.clone() for k, v in kwargs.get("images", {}).items()}})
+        plan = self.policy.predict_action(obs_history, generator=generator, **kwargs)
+        self.calls[-1]["chunk"] = plan["action_pred"].clone()
+        return plan
+
+
+@pytest.mark.parametrize("transition", ["naive", "forecast"])
+def test_image_policy_plans_from_the_frames_of_its_window(one_thread, transition):
+    """An image policy in the non-blocking loop: every plan sees the camera frames of the last n_obs_steps
+    act() calls (not extrapolated, even under forecast) beside the low-dim window, and the first action is
+    that of the policy's own plan for the first observation."""
+    from policy_synthetic import tiny_image_policy
+
+    policy = tiny_image_policy()
+    recorder = PlanRecorder(policy)
+    rng = np.random.default_rng(0)
+    sent = []
+    with AsyncPolicy(recorder, control_hz=50, transition=transition, execution_horizon=2, seed=4) as fast:
+        for t in range(12):
+            obs = _image_obs(policy, rng)
+            sent.append(obs)
+            action = fast.act(obs)
+            if t == 0:
+                first = action
+            time.sleep(0.01)
+    assert len(recorder.calls) >= 3
+    cfg = policy.config
+    flats = [policy._flat_obs(o) for o in sent]
+    for n, call in enumerate(recorder.calls):
+        images = call["images"]
+        assert set(images) == set(cfg.image_keys)
+        # which steps' frames: match each frame of the window to a sent observation
+        for key in cfg.image_keys:
+            window = images[key][0].numpy()
+            assert window.shape == (cfg.n_obs_steps, 3, 84, 84) and window.dtype == np.uint8
+            steps = [next(i for i, o in enumerate(sent) if np.array_equal(o[key].transpose(2, 0, 1), frame))
+                     for frame in window]
+            if n == 0:
+                assert steps == [0] * cfg.n_obs_steps  # the first window repeats step 0
+            else:  # consecutive steps, new ones (a plan starts after execution_horizon more act() calls)
+                assert steps == list(range(steps[-1] - cfg.n_obs_steps + 1, steps[-1] + 1)) and steps[-1] >= 2 * n
+            if transition == "naive":  # the low-dim window is of the same steps
+                rows = call["obs"][0].numpy()
+                assert [next(i for i, f in enumerate(flats) if np.array_equal(f, r)) for r in rows] == steps
+    # the first plan, replayed directly: frames and proprio of step 0 (repeated), the seeded generator
+    history = torch.from_numpy(np.stack([policy._flat_obs(sent[0])] * cfg.n_obs_steps))[None]
+    frames = {key: torch.from_numpy(np.stack([sent[0][key].transpose(2, 0, 1)] * cfg.n_obs_steps))[None]
+              for key in cfg.image_keys}
+    replay = policy.predict_action(history, generator=torch.Generator().manual_seed(4), images=frames)
+    np.testing.assert_allclose(first, replay["action_pred"][0, cfg.n_obs_steps - 1].numpy(), atol=1e-6)
+    # the frames matter: other pixels give another plan
+    other = {key: torch.zeros_like(v) for key, v in frames.items()}
+    moved = policy.predict_action(history, generator=torch.Generator().manual_seed(4), images=other)
+    assert not np.allclose(moved["action_pred"].numpy(), replay["action_pred"].numpy(), atol=1e-4)
+
+
+def test_image_policy_async_through_a_loopback_server(one_thread):
+    """AsyncPolicy over RemotePolicy with an image policy: frames travel, and the first action equals the
+    in-process AsyncPolicy's for the same seed."""
+    from policy_synthetic import tiny_image_policy
+
+    policy = tiny_image_policy()
+    rng = np.random.default_rng(1)
+    observations = [_image_obs(policy, rng) for _ in range(16)]
+    with AsyncPolicy(policy, control_hz=50, transition="forecast", seed=7) as local:
+        local_first = local.act(observations[0])
+    with ServerThread(PolicyServer(policy, "127.0.0.1", 0, max_batch=1)) as server:
+        remote = RemotePolicy(server.url)
+        assert remote.image_keys == list(policy.config.image_keys)
+        sent_windows = []
+        plan_chunk = remote.plan_chunk
+
+        def recording_plan_chunk(window, **kwargs):
+            sent_windows.append(window)
+            return plan_chunk(window, **kwargs)
+
+        remote.plan_chunk = recording_plan_chunk
+        with AsyncPolicy(remote, control_hz=50, transition="naive", execution_horizon=2, seed=7) as fast:
+            actions = []
+            for obs in observations:
+                actions.append(fast.act(obs))
+                time.sleep(0.02)
+            assert fast.stats["plans"] >= 3
+        remote.close()
+    np.testing.assert_allclose(actions[0], local_first, atol=1e-5)
+    assert np.isfinite(np.stack(actions)).all()
+    # each request carries whole steps: step t's proprio (split back into its keys) with step t's frames
+    cfg = policy.config
+    assert len(sent_windows) >= fast.stats["plans"]  # (a plan in flight at close is sent, never taken)
+    for n, window in enumerate(sent_windows):
+        assert len(window) == cfg.n_obs_steps
+        steps = []
+        for step_obs in window:
+            t = next(i for i, o in enumerate(observations)
+                     if np.array_equal(o[cfg.image_keys[0]].transpose(2, 0, 1), step_obs[cfg.image_keys[0]]))
+            steps.append(t)
+            for key in cfg.image_keys:
+                np.testing.assert_array_equal(step_obs[key], observations[t][key].transpose(2, 0, 1))
+            for key in cfg.obs_keys:
+                np.testing.assert_array_equal(np.asarray(step_obs[key]).reshape(-1),
+                                              np.asarray(observations[t][key], np.float32).reshape(-1))
+        assert steps == ([0] * cfg.n_obs_steps if n == 0 else list(range(steps[-1] - cfg.n_obs_steps + 1, steps[-1] + 1)))

@@ -19,6 +19,8 @@ Errors raised by the planner surface at the next ``act()``. ``close()`` (or leav
 stops the thread.
 
 ``policy`` is a local ``DiffusionPolicy`` or a ``RemotePolicy`` (``parapolicy.client``, protocol v2).
+Image policies take robosuite's obs dict with the camera frames; a plan sees the frames of the last
+``n_obs_steps`` steps (``forecast`` extrapolates the low-dim part only: pixels are never extrapolated).
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ class AsyncPolicy:
         self.n_obs_steps = int(meta["n_obs_steps"]) if self._remote else cfg.n_obs_steps
         self.action_dim = int(meta["action_dim"]) if self._remote else cfg.action_dim
         self.action_space = meta.get("action_space", "delta") if self._remote else getattr(cfg, "action_space", "delta")
+        self.image_keys = list((meta.get("image_keys") if self._remote else getattr(cfg, "image_keys", None)) or [])
         self.start = self.n_obs_steps - 1
         n_action_steps = int(meta["n_action_steps"]) if self._remote else cfg.n_action_steps
         horizon = n_action_steps if execution_horizon is None else execution_horizon
@@ -101,6 +104,7 @@ class AsyncPolicy:
         if self._remote:
             self.policy.reset(seed=seed)
         self._history: deque[np.ndarray] = deque(maxlen=self.n_obs_steps)
+        self._frames: deque[dict[str, np.ndarray]] = deque(maxlen=self.n_obs_steps)  # image policies: uint8 [3, H, W]
         self._executed: list[np.ndarray] = []
         self._chunk: np.ndarray | None = None  # [H, A], raw units
         self._chunk_step = 0  # the step its request was made at (its position `start` is that step)
@@ -119,10 +123,13 @@ class AsyncPolicy:
         begin = time.perf_counter()
         self._raise_planner_error()
         flat = self._flatten(obs)
+        frames = self._images(obs) if self.image_keys else None
         if not self._history:
             self._history.extend([flat] * self.n_obs_steps)
+            self._frames.extend([frames] * self.n_obs_steps)
         else:
             self._history.append(flat)
+            self._frames.append(frames)
         info: dict[str, Any] = {"replanned": False, "stall": False}
         if self._chunk is None:  # the episode's first plan blocks: the robot has nothing to do yet
             result = self._plan(self._job_for(self._step, 0))
@@ -200,8 +207,8 @@ class AsyncPolicy:
         history = forecast_history(np.stack(self._history), lead, *self._obs_bounds)
         # a server keeps the last n_obs_steps observations it was sent: sending the whole window makes its
         # history exactly this one (forecast or not)
-        return {"step": step + lead, "history": history, "known": known, "committed": self.start + delay,
-                "first": self._chunk is None}
+        return {"step": step + lead, "history": history, "frames": list(self._frames), "known": known,
+                "committed": self.start + delay, "first": self._chunk is None}
 
     # ------------------------------------------------------------------ planning
     def _submit(self, job: dict) -> None:
@@ -239,7 +246,8 @@ class AsyncPolicy:
             prefix, weights = prefix_for(self.transition, job["known"], job["committed"], self.horizon,
                                          self.execution_horizon)
         if self._remote:
-            chunks = self.policy.plan_chunk(job["history"], prefix=prefix, prefix_weights=weights, candidates=m,
+            observations = self._remote_observations(job) if self.image_keys else job["history"]
+            chunks = self.policy.plan_chunk(observations, prefix=prefix, prefix_weights=weights, candidates=m,
                                             delay_steps=job["committed"] - self.start)
         else:
             import torch
@@ -249,6 +257,9 @@ class AsyncPolicy:
             if prefix is not None:
                 kwargs = {"prefix": torch.from_numpy(prefix)[None].repeat(m, 1, 1),
                           "prefix_weights": torch.from_numpy(weights)[None].repeat(m, 1)}
+            if self.image_keys:  # {key: [m, n_obs_steps, 3, H, W]}
+                kwargs["images"] = {key: torch.from_numpy(np.stack([f[key] for f in job["frames"]]))[None]
+                                    .expand(m, -1, -1, -1, -1) for key in self.image_keys}
             plan = self.policy.predict_action(history, generator=self._generator, **kwargs)
             chunks = plan["action_pred"].float().cpu().numpy()
         pick = pick_candidate(chunks, job["known"], job["committed"]) if m > 1 and job["known"] is not None else 0
@@ -261,7 +272,31 @@ class AsyncPolicy:
             self._in_flight = False
             raise RuntimeError(f"the planner failed: {type(error).__name__}: {error}") from error
 
+    def _images(self, obs: Any) -> dict[str, np.ndarray]:
+        """The camera frames of ``obs`` (checked as the policy checks them), uint8 ``[3, H, W]`` each."""
+        if self._remote:
+            kept = self.policy.observation(obs)
+            return {key: kept[key] for key in self.image_keys}
+        return self.policy._obs_images(obs)
+
+    def _remote_observations(self, job: dict) -> list[dict[str, np.ndarray]]:
+        """The window a server plans from, one obs dict per step: the (forecast) low-dim row split back
+        into the policy's keys, and that step's frames."""
+        keys, sizes = list(self.policy.metadata["obs_keys"]), self._key_sizes
+        observations = []
+        for row, frames in zip(job["history"], job["frames"]):
+            obs, offset = dict(frames), 0
+            for key, size in zip(keys, sizes):
+                obs[key], offset = row[offset:offset + size], offset + size
+            observations.append(obs)
+        return observations
+
     def _flatten(self, obs: Any) -> np.ndarray:
+        if self._remote and self.image_keys:
+            kept = self.policy.observation(obs)  # low-dim keys as float32 arrays, then frames
+            self._key_sizes = [int(np.size(kept[key])) for key in self.policy.metadata["obs_keys"]]
+            return np.concatenate([np.asarray(kept[key], np.float32).reshape(-1)
+                                   for key in self.policy.metadata["obs_keys"]])
         if self._remote:
             from parapolicy.serving.protocol import flatten_observation
 
