@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
@@ -299,3 +300,42 @@ def test_sampler_at_steps():
     assert jobs["paraddim-6"].twin == "ddim-6" and jobs["ddim-6"].steps == 6
     with pytest.raises(ValueError, match="positive number of steps"):
         build_jobs(tiny_cfg(samplers=["ddim@zero"]), tiny_policy(), [])
+
+
+def test_deviation_vs_twin_is_the_gap_between_the_same_calls(one_thread):
+    """``deviation_vs_twin`` is, call for call, max |parallel - sequential| for the same observations and
+    the same noise (seed + r): ~0 for Picard at a tight tolerance, the real gap at a loose one. A bench
+    that gave the twin other noise, or compared against another call, reports numbers that differ."""
+    import torch
+
+    from parapolicy.bench.jobs import Job, with_sampler
+    from parapolicy.bench.timing import summarize_phase, time_phase
+
+    policy = tiny_policy()
+    cfg = policy.config
+    steps = 8
+    policy.set_sampler("ddpm", steps)
+    generator = torch.Generator().manual_seed(0)
+    low, high = policy.normalizer.obs.min, policy.normalizer.obs.max
+    obs_pool = low + torch.rand(5, cfg.n_obs_steps, cfg.obs_dim, generator=generator) * (high - low)
+    options = {"tight": {"window": 4, "tolerance": 1e-7}, "loose": {"window": 8, "tolerance": 0.5}}
+    jobs = [Job(label="ddpm", name="ddpm", steps=steps, options={}, policy=with_sampler(policy, "ddpm", steps))]
+    for label, opts in options.items():
+        jobs.append(Job(label=label, name="paraddpm", steps=steps, options=opts, twin="ddpm",
+                        policy=with_sampler(policy, "paraddpm", steps, **opts)))
+    run = OmegaConf.create({"seed": 11, "warmup": 0, "repetitions": 3})
+    records = time_phase(jobs, obs_pool, 2, run, torch.device("cpu"))
+
+    def plan(job, r):  # the call r of the bench, made again here
+        rows = [(r * 2 + i) % 5 for i in range(2)]
+        out = job.policy.predict_action(obs_pool[rows], generator=torch.Generator().manual_seed(11 + r))
+        return out["action_pred"]
+
+    for job in jobs[1:]:
+        expected = [float((plan(job, r) - plan(jobs[0], r)).abs().max()) for r in range(3)]
+        assert records[job.label].deviation == pytest.approx(expected, abs=1e-7)
+    assert max(records["tight"].deviation) < 1e-4 < max(records["loose"].deviation)
+    rows = {row["label"]: row for row in summarize_phase("samplers", jobs, 2, records)}
+    assert rows["tight"]["deviation_vs_twin"]["max"] == max(records["tight"].deviation)
+    assert rows["loose"]["deviation_vs_twin"]["p50"] == pytest.approx(float(np.median(records["loose"].deviation)))
+    assert rows["ddpm"]["deviation_vs_twin"] is None
