@@ -129,12 +129,16 @@ def with_dp_extras(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 # ------------------------------------------------------------------------- functional DP-side reference
 def _gn(x, sd, name):
+    """DP's GroupNorm (16 channels a group), or batch norm in eval when ``name`` has running statistics."""
+    if f"{name}.running_mean" in sd:
+        return F.batch_norm(x, sd[f"{name}.running_mean"], sd[f"{name}.running_var"], sd[f"{name}.weight"],
+                            sd[f"{name}.bias"], training=False, eps=1e-5)
     return F.group_norm(x, sd[f"{name}.weight"].shape[0] // 16, sd[f"{name}.weight"], sd[f"{name}.bias"])
 
 
 def resnet18_trunk(sd, prefix, x, torchvision_names=False):
-    """torchvision's resnet18 children[:-2] with DP's GroupNorm, on robomimic's ``nets.<i>`` names (or
-    torchvision's ``conv1``, ``bn1``, ``layer<i>``)."""
+    """torchvision's resnet18 children[:-2] with DP's GroupNorm (or batch norm), on robomimic's ``nets.<i>``
+    names (or torchvision's ``conv1``, ``bn1``, ``layer<i>``)."""
     stem = ("conv1", "bn1") if torchvision_names else ("0", "1")
     x = F.relu(_gn(F.conv2d(x, sd[f"{prefix}.{stem[0]}.weight"], stride=2, padding=3), sd, f"{prefix}.{stem[1]}"))
     x = F.max_pool2d(x, 3, 2, 1)
@@ -248,15 +252,15 @@ IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).reshape(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).reshape(1, 3, 1, 1)
 
 
-def resnet_image_config():
+def resnet_image_config(use_group_norm=True, share_rgb_model=False, random_crop=True):
     cfg = OmegaConf.to_container(hybrid_config(policy_target="diffusion_policy.policy.diffusion_unet_image_policy"
                                                ".DiffusionUnetImagePolicy", shape_meta=RESNET_SHAPE_META))
     for key in ("crop_shape", "obs_encoder_group_norm", "eval_fixed_crop"):
         cfg["policy"].pop(key)
     cfg["policy"]["obs_encoder"] = {
         "_target_": "diffusion_policy.model.vision.multi_image_obs_encoder.MultiImageObsEncoder",
-        "shape_meta": "${shape_meta}", "resize_shape": None, "crop_shape": [76, 76], "random_crop": True,
-        "use_group_norm": True, "share_rgb_model": False, "imagenet_norm": True,
+        "shape_meta": "${shape_meta}", "resize_shape": None, "crop_shape": [76, 76], "random_crop": random_crop,
+        "use_group_norm": use_group_norm, "share_rgb_model": share_rgb_model, "imagenet_norm": True,
         "rgb_model": {"_target_": "diffusion_policy.model.vision.model_getter.get_resnet", "name": "resnet18",
                       "weights": None}}
     conf = OmegaConf.create(cfg)
@@ -264,18 +268,25 @@ def resnet_image_config():
     return conf
 
 
-def resnet_image_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
-    """DiffusionUnetImagePolicy names; the two cameras' ResNets share tensors here (a smaller file)."""
+def resnet_image_state_dict(seed: int = 0, norm: str = "group", shared: bool = False) -> dict[str, torch.Tensor]:
+    """DiffusionUnetImagePolicy names; the two cameras' ResNets share tensors here (a smaller file), or are
+    one ``key_model_map.rgb`` (``share_rgb_model``). Batch norm: running statistics off 0 / 1, and
+    torchvision's ``num_batches_tracked``."""
     from parapolicy.policy.vision import resnet18
 
     sd = hybrid_state_dict(seed)
     sd = {k: v for k, v in sd.items() if not k.startswith("obs_encoder.")}
     torch.manual_seed(seed)
-    net = resnet18(num_classes=None, norm="group")
+    net = resnet18(num_classes=None, norm=norm)
     with torch.no_grad():
         for p in net.parameters():
             p.add_(torch.randn_like(p) * 0.1)
-    for camera in CAMERAS:
+        for name, buffer in net.named_buffers():
+            if name.endswith("running_mean"):
+                buffer.add_(torch.randn_like(buffer) * 0.1)
+            elif name.endswith("running_var"):
+                buffer.mul_(torch.exp(torch.randn_like(buffer) * 0.2))
+    for camera in ["rgb"] if shared else CAMERAS:
         sd.update({f"obs_encoder.key_model_map.{camera}.{k}": v for k, v in net.state_dict().items()})
     step_width = len(CAMERAS) * 512 + sum(LOW_DIM.values())
     unet = ConditionalUnet1D(input_dim=7, global_cond_dim=2 * step_width, diffusion_step_embed_dim=STEP_DIM,
@@ -288,8 +299,10 @@ def resnet_image_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     return with_dp_extras(sd)  # DP's encoder's own _dummy_variable (the importer once refused it)
 
 
-def dp_image_predict_action(sd, obs, generator, num_inference_steps=10):
-    """DiffusionUnetImagePolicy.predict_action with MultiImageObsEncoder (sorted rgb, then sorted low-dim)."""
+def dp_image_predict_action(sd, obs, generator, num_inference_steps=10, shared=False, crop=True):
+    """DiffusionUnetImagePolicy.predict_action with MultiImageObsEncoder (sorted rgb, then sorted low-dim).
+    ``crop=False``: DP's ``random_crop=False``, which crops nothing (its centre crop lands in the slot the
+    ImageNet normaliser then overwrites)."""
     from diffusers import DDPMScheduler
 
     batch, steps = obs["robot0_eef_pos"].shape[:2]
@@ -301,8 +314,9 @@ def dp_image_predict_action(sd, obs, generator, num_inference_steps=10):
 
     features = []
     for key in sorted(CAMERAS):
-        image = (normalised(key)[:, :, 4:80, 4:80] - IMAGENET_MEAN) / IMAGENET_STD  # eval crop, then ImageNet
-        trunk = resnet18_trunk(sd, f"obs_encoder.key_model_map.{key}", image, torchvision_names=True)
+        image = normalised(key)[:, :, 4:80, 4:80] if crop else normalised(key)  # eval crop 84 -> 76
+        image = (image - IMAGENET_MEAN) / IMAGENET_STD
+        trunk = resnet18_trunk(sd, f"obs_encoder.key_model_map.{'rgb' if shared else key}", image, torchvision_names=True)
         features.append(trunk.mean(dim=(2, 3)))  # avgpool; fc is an Identity
     features += [normalised(key) for key in sorted(LOW_DIM)]
     global_cond = torch.cat(features, dim=-1).reshape(batch, -1)
@@ -317,19 +331,22 @@ def dp_image_predict_action(sd, obs, generator, num_inference_steps=10):
 
 
 @pytest.mark.slow  # a ~45 MB workspace file written, read and converted
-def test_resnet_image_workspace_converts_and_plans_dps_actions(tmp_path):
-    sd = resnet_image_state_dict()
-    source = write_dp_checkpoint(tmp_path / "dp_image.ckpt", resnet_image_config(), sd, sd)
+@pytest.mark.parametrize("norm,shared,crop", [("group", False, True), ("batch", True, False)])
+def test_resnet_image_workspace_converts_and_plans_dps_actions(tmp_path, norm, shared, crop):
+    sd = resnet_image_state_dict(norm=norm, shared=shared)
+    config = resnet_image_config(use_group_norm=norm == "group", share_rgb_model=shared, random_crop=crop)
+    source = write_dp_checkpoint(tmp_path / "dp_image.ckpt", config, sd, sd)
     policy = load_policy(convert(source, tmp_path / "out"), sampler="ddpm")
     cfg = policy.config
     assert cfg.vision["encoder"] == "multi_image" and cfg.image_keys == sorted(CAMERAS)
+    assert (cfg.vision["norm"], cfg.vision["share_rgb_model"], cfg.vision["random_crop"]) == (norm, shared, crop)
     assert cfg.obs_keys == sorted(LOW_DIM) and cfg.global_cond_dim == 2 * (2 * 512 + 9)
     g = torch.Generator().manual_seed(4)
     frames = {key: torch.randint(0, 256, (2, 2, 3, 84, 84), generator=g, dtype=torch.uint8) for key in CAMERAS}
     low = {key: torch.randn(2, 2, dim, generator=g) for key, dim in LOW_DIM.items()}
     with torch.no_grad():
         reference = dp_image_predict_action(sd, {**low, **{k: v.float() / 255 for k, v in frames.items()}},
-                                            torch.Generator().manual_seed(5))
+                                            torch.Generator().manual_seed(5), shared=shared, crop=crop)
     x_T, noise = draws_in_dp_order(torch.Generator().manual_seed(5), 2, 16, 7, policy.sampler.timesteps)
     ours = policy.predict_action(torch.cat([low[k] for k in cfg.obs_keys], dim=-1), images=frames, x_T=x_T, noise=noise)
     difference = (ours["action"] - reference["action"]).abs().max()
