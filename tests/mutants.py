@@ -84,10 +84,11 @@ def pyproject(source: str, tests: list[str], markers: str = DEFAULT_MARKERS) -> 
         f"pytest_add_cli_args_test_selection = {json.dumps(existing)}",
         # quiet; one torch thread per test process (the harness forks one per mutant)
         f'pytest_add_cli_args = ["-q", "-p", "no:cacheprovider", "-m", "{markers}"]',
-        # a mutant that never ends (a loop that stops advancing) is stopped after (its tests' time + 1 s)
-        # x 2 x this many CPU seconds (the time was measured under load: headroom); mutmut's default, 15,
-        # cost half an hour per such mutant on this machine
-        "timeout_multiplier = 1.0",
+        # a mutant that never ends (a loop that stops advancing) is stopped after (its tests' time + 10 s)
+        # x 2 x 1.5 CPU seconds; the 10 s cover the per-mutant pytest start (collection, fixtures), which
+        # the tests' time leaves out. mutmut's defaults (+1 s, x 15) cost half an hour per such mutant here
+        "timeout_constant = 10.0",
+        "timeout_multiplier = 1.5",
         "",
         "[tool.pytest.ini_options]",
         'testpaths = ["tests"]',

@@ -455,6 +455,20 @@ def test_low_precision_model():
     assert (out.sample.float() - reference).abs().max() < 0.05
 
 
+@pytest.mark.parametrize("case", ["ddim-policy", "dpmsolver-policy"])
+def test_low_precision_model_leaves_the_sums_in_float32(case):
+    """A bfloat16 model changes only what the model sees and returns: trajectory, multistep history and
+    convergence test stay float32, so the run equals a float32 run whose model rounds its input and
+    output to bfloat16 (exactly: same rounds, same sample)."""
+    _, parallel = pair(case)
+    analytic = analytic_denoiser(POLICY)
+    x_T = inputs(15, torch.float32)[0].bfloat16()
+    low = parallel.sample(analytic, x_T)
+    wide = parallel.sample(lambda x, t: analytic(x.bfloat16(), t).float(), x_T.float())
+    assert low.sample.dtype == torch.bfloat16 and wide.sample.dtype == torch.float32
+    assert low.rounds == wide.rounds and torch.equal(low.sample, wide.sample.bfloat16())
+
+
 # ------------------------------------------------------------------------------- timestep spacing
 TRAILING_15 = [99, 92, 86, 79, 72, 66, 59, 52, 46, 39, 32, 26, 19, 12, 6]  # diffusers, N = 15 of T = 100
 
