@@ -10,17 +10,17 @@ robomimic 0.2.0 (the version DP pins). Nothing of theirs is imported by parapoli
 
 Per case, with DP's own code:
 
-1. compose DP's training config with Hydra from DP's ``config/`` folder (``task=lift_image``; the
-   observation keys of ``shape_meta`` reordered so that cameras and low-dim keys interleave and no
-   order is alphabetical: robomimic's encoder follows insertion order, DP's ResNet encoder sorts) and
-   resolve it, as DP's ``train.py`` does;
+1. compose DP's training config with Hydra from DP's ``config/`` folder (``task=lift_image``, or
+   ``lift_image_abs`` for absolute actions; the observation keys of ``shape_meta`` reordered so that
+   cameras and low-dim keys interleave and no order is alphabetical: robomimic's encoder follows
+   insertion order, DP's ResNet encoder sorts) and resolve it, as DP's ``train.py`` does;
 2. build the workspace state as ``TrainDiffusionUnet{Hybrid,}Workspace.__init__`` does
    (``hydra.utils.instantiate(cfg.policy)``, an EMA deepcopy, the AdamW optimiser, step counters: DP's
    training workspace modules themselves import an lr-scheduler helper that newer diffusers lack);
    perturb the random weights (norm layers and biases too, model and EMA differently); set a
-   ``LinearNormalizer`` fitted by DP (limits on random data for low-dim keys and actions, DP's image
-   range normaliser for cameras); write it with DP's ``BaseWorkspace.save_checkpoint`` (dill payload:
-   cfg, state_dicts, pickles);
+   ``LinearNormalizer`` fitted by DP (limits on random data for low-dim keys and actions, or DP's
+   abs-action normaliser; DP's image range normaliser for cameras); write it with DP's
+   ``BaseWorkspace.save_checkpoint`` (dill payload: cfg, state_dicts, pickles);
 3. convert it in a subprocess with ``--convert-python -m parapolicy.convert`` (default weights: EMA);
 4. plan with DP's ``ema_model.predict_action`` on uint8 frames / 255 and random low-dim observations,
    recording every ``torch.randn`` it draws (x_T, then one draw per noisy step), and with the converted
@@ -49,10 +49,16 @@ import torch
 KEY_ORDER = ["robot0_gripper_qpos", "robot0_eye_in_hand_image", "robot0_eef_pos", "agentview_image", "robot0_eef_quat"]
 
 CASES = {
-    # name: (DP config, down_dims (None: the config's), num_inference_steps (None: the config's))
-    "hybrid": ("train_diffusion_unet_hybrid_workspace", None, None),
-    "hybrid_ddim": ("train_diffusion_unet_ddim_hybrid_workspace", None, None),
-    "image": ("train_diffusion_unet_image_workspace", [128, 256, 512], None),
+    # name: (DP config, down_dims (None: the config's), Hydra overrides)
+    "hybrid": ("train_diffusion_unet_hybrid_workspace", None, ["task=lift_image"]),
+    "hybrid_ddim": ("train_diffusion_unet_ddim_hybrid_workspace", None, ["task=lift_image"]),  # DDIM-8, no crop
+    # DP's published kind: absolute actions (position, 6D rotation, gripper), DP's abs-action normaliser
+    "hybrid_abs": ("train_diffusion_unet_hybrid_workspace", [128, 256, 512], ["task=lift_image_abs"]),
+    "image": ("train_diffusion_unet_image_workspace", [128, 256, 512], ["task=lift_image"]),
+    # batch norm, one ResNet for both cameras, random_crop=False (DP then crops nothing at all)
+    "image_bn_shared": ("train_diffusion_unet_image_workspace", [128, 256, 512],
+                        ["task=lift_image", "policy.obs_encoder.use_group_norm=false",
+                         "policy.obs_encoder.share_rgb_model=true", "policy.obs_encoder.random_crop=false"]),
 }
 
 
@@ -69,21 +75,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tolerance", type=float, default=1e-4)
-    parser.add_argument("--workdir", type=Path, default=None, help="where the .ckpt and converted folders go (default: a temp dir)")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="where the .ckpt and converted folders go (default: a temp dir)")
     return parser.parse_args(argv)
 
 
-def compose_dp_config(dp_src: Path, config_name: str, down_dims, steps):
+def compose_dp_config(dp_src: Path, config_name: str, down_dims, extra_overrides):
     """DP's composed, resolved training config (as ``train.py`` hands it to the workspace)."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf, open_dict
 
     OmegaConf.register_new_resolver("eval", eval, replace=True)  # DP's train.py does the same
-    overrides = ["task=lift_image"]
+    overrides = list(extra_overrides)
     if down_dims is not None:
         overrides.append(f"policy.down_dims=[{','.join(str(d) for d in down_dims)}]")
-    if steps is not None:
-        overrides.append(f"policy.num_inference_steps={steps}")
     with initialize_config_dir(config_dir=str((dp_src / "diffusion_policy" / "config").resolve()), version_base=None):
         cfg = compose(config_name=config_name, overrides=overrides)
     obs = OmegaConf.to_container(cfg.task.shape_meta.obs)
@@ -118,17 +123,27 @@ def dp_workspace(cfg, output_dir: Path):
 
 @torch.no_grad()
 def perturb(module: torch.nn.Module, generator: torch.Generator, scale: float = 0.1) -> None:
-    """Move every parameter off its initial value (GroupNorm's 1 / 0, zero biases), so that a swapped or
-    dropped tensor shows in the actions."""
+    """Move every parameter off its initial value (GroupNorm's 1 / 0, zero biases), and batch norm's running
+    statistics off 0 / 1, so that a swapped or dropped tensor shows in the actions."""
     for p in module.parameters():
         spread = max(float(p.std()), 0.05) if p.numel() > 1 else 1.0
         p.add_(torch.randn(p.shape, generator=generator) * scale * spread)
+    for name, buffer in module.named_buffers():
+        if name.endswith("running_mean"):
+            buffer.add_(torch.randn(buffer.shape, generator=generator) * scale)
+        elif name.endswith("running_var"):
+            buffer.mul_(torch.exp(torch.randn(buffer.shape, generator=generator) * scale))
 
 
-def dp_normalizer(shape_meta, generator: torch.Generator):
+def dp_normalizer(shape_meta, generator: torch.Generator, abs_action: bool = False):
     """DP's ``LinearNormalizer``: limits fitted on random data (per-dim ranges of different widths and
-    centres) for the low-dim keys and the action, ``get_image_range_normalizer`` for the cameras."""
-    from diffusion_policy.common.normalize_util import get_image_range_normalizer
+    centres) for the low-dim keys and the action (absolute actions: DP's robomimic abs-action normaliser,
+    position limits, rotation and gripper as they are), ``get_image_range_normalizer`` for the cameras."""
+    from diffusion_policy.common.normalize_util import (
+        array_to_stats,
+        get_image_range_normalizer,
+        robomimic_abs_action_only_normalizer_from_stat,
+    )
     from diffusion_policy.model.common.normalizer import LinearNormalizer
 
     data = {}
@@ -144,6 +159,8 @@ def dp_normalizer(shape_meta, generator: torch.Generator):
     for key, attr in shape_meta["obs"].items():
         if attr.get("type") == "rgb":
             normalizer[key] = get_image_range_normalizer()
+    if abs_action:
+        normalizer["action"] = robomimic_abs_action_only_normalizer_from_stat(array_to_stats(data["action"].numpy()))
     return normalizer
 
 
@@ -168,17 +185,17 @@ def run_case(name: str, args: argparse.Namespace, workdir: Path) -> dict:
 
     from parapolicy.policy import load_policy
 
-    config_name, down_dims, steps = CASES[name]
+    config_name, down_dims, overrides = CASES[name]
     if args.down_dims:
         down_dims = [int(v) for v in args.down_dims.split(",")]
     start = time.perf_counter()
-    cfg = compose_dp_config(args.dp_src, config_name, down_dims, steps)
+    cfg = compose_dp_config(args.dp_src, config_name, down_dims, overrides)
     workspace = dp_workspace(cfg, workdir)
     gen = torch.Generator().manual_seed(args.seed)
     perturb(workspace.model, gen)
     perturb(workspace.ema_model, gen)  # EMA differs from model: the converter must pick EMA
     shape_meta = cfg.shape_meta
-    normalizer = dp_normalizer(shape_meta, gen)
+    normalizer = dp_normalizer(shape_meta, gen, abs_action=bool(cfg.task.get("abs_action", False)))
     workspace.model.set_normalizer(normalizer)
     workspace.ema_model.set_normalizer(normalizer)
     ckpt = Path(workspace.save_checkpoint(path=workdir / f"{name}.ckpt", use_thread=False))
@@ -211,7 +228,8 @@ def run_case(name: str, args: argparse.Namespace, workdir: Path) -> dict:
         nobs = policy_dp.normalizer.normalize(obs_dp)
         this = dict_apply(nobs, lambda x: x[:, :steps_obs].reshape(-1, *x.shape[2:]))
         cond_dp = policy_dp.obs_encoder(this).reshape(batch, steps_obs, -1)
-        inverted = dict_apply(policy_dp.normalizer.normalize({**obs_dp, **{k: 1 - v for k, v in obs_dp.items() if k in frames}}),
+        negative = {**obs_dp, **{k: 1 - v for k, v in obs_dp.items() if k in frames}}
+        inverted = dict_apply(policy_dp.normalizer.normalize(negative),
                               lambda x: x[:, :steps_obs].reshape(-1, *x.shape[2:]))
         camera_effect = (policy_dp.obs_encoder(inverted).reshape(batch, steps_obs, -1) - cond_dp).abs().max().item()
     dp_timesteps = policy_dp.noise_scheduler.timesteps.to(torch.long)
@@ -220,7 +238,8 @@ def run_case(name: str, args: argparse.Namespace, workdir: Path) -> dict:
     policy = load_policy(out, device="cpu")
     pc = policy.config
     if not torch.equal(policy.sampler.timesteps.cpu(), dp_timesteps):
-        raise AssertionError(f"{name}: timesteps differ: DP {dp_timesteps.tolist()} vs ours {policy.sampler.timesteps.tolist()}")
+        raise AssertionError(f"{name}: timesteps differ: DP {dp_timesteps.tolist()}, "
+                             f"ours {policy.sampler.timesteps.tolist()}")
     noisy = [i for i, t in enumerate(dp_timesteps.tolist()) if t > 0]
     stochastic = policy.sampler_name.startswith("ddpm")
     expected_draws = 1 + (len(noisy) if stochastic else 0)
@@ -256,10 +275,12 @@ def run_case(name: str, args: argparse.Namespace, workdir: Path) -> dict:
     pred_delta = (dp_out["action_pred"] - ours["action_pred"]).abs().max().item()
     params = sum(p.numel() for p in policy_dp.model.parameters())
     return dict(
-        name=name, policy=type(policy_dp).__name__, config=config_name, down_dims=list(cfg.policy.down_dims),
+        name=name, policy=type(policy_dp).__name__, config=config_name, overrides=overrides,
+        down_dims=list(cfg.policy.down_dims),
         unet_params=params, encoder_params=sum(p.numel() for p in policy_dp.obs_encoder.parameters()),
         scheduler=type(policy_dp.noise_scheduler).__name__, steps=len(dp_timesteps), sampler=policy.sampler_name,
-        crop=cfg.policy.get("crop_shape", cfg.policy.get("obs_encoder", {}).get("crop_shape")),
+        crop=cfg.policy.crop_shape if "crop_shape" in cfg.policy else  # the ResNet encoder crops only with random_crop
+        (cfg.policy.obs_encoder.crop_shape if cfg.policy.obs_encoder.random_crop else None),
         action_delta=action_delta, action_pred_delta=pred_delta, cond_delta=cond_delta, camera_effect=camera_effect,
         action_std=dp_out["action"].std().item(), ok=action_delta <= args.tolerance,
         seconds=dict(build_save=built - start, convert=converted - built, dp_plan=dp_done - converted,
@@ -275,22 +296,27 @@ def main(argv: list[str] | None = None) -> int:
 
     # robomimic 0.2.0 builds its ResNet with pretrained=False, which torchvision now warns about
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torchvision\.models")
-    print(f"torch {torch.__version__}, torchvision {torchvision.__version__}; DP {args.dp_src}, robomimic {args.robomimic_src}")
-    failed = False
+    print(f"torch {torch.__version__}, torchvision {torchvision.__version__}; DP {args.dp_src}, "
+          f"robomimic {args.robomimic_src}")
+    failed, start = [], time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="check_dp_image_") as tmp:
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         for name in args.cases:
             print(f"[{name}]")
             r = run_case(name, args, workdir)
-            failed |= not r["ok"]
-            print(f"  {r['policy']} ({r['config']}), U-Net down_dims {r['down_dims']} ({r['unet_params'] / 1e6:.1f}M), "
-                  f"encoder {r['encoder_params'] / 1e6:.2f}M, crop {r['crop']}, {r['scheduler']}-{r['steps']} -> ours "
-                  f"{r['sampler']}")
+            if not r["ok"]:
+                failed.append(name)
+            print(f"  {r['policy']} ({' '.join([r['config'], *r['overrides']])}), U-Net down_dims {r['down_dims']} "
+                  f"({r['unet_params'] / 1e6:.1f}M), encoder {r['encoder_params'] / 1e6:.2f}M, crop {r['crop']}, "
+                  f"{r['scheduler']}-{r['steps']} -> ours {r['sampler']}")
             print(f"  max |delta| executed actions {r['action_delta']:.3g} (action_pred {r['action_pred_delta']:.3g}; "
                   f"conditioning {r['cond_delta']:.3g}); DP action std {r['action_std']:.3f}, inverted frames move "
-                  f"DP's conditioning by {r['camera_effect']:.3g}: {'OK' if r['ok'] else 'FAIL'} (tolerance {args.tolerance:g})")
+                  f"DP's conditioning by {r['camera_effect']:.3g}: {'OK' if r['ok'] else 'FAIL'} "
+                  f"(tolerance {args.tolerance:g})")
             print("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in r["seconds"].items()), flush=True)
+    verdict = f"FAILED: {', '.join(failed)}" if failed else f"all {len(args.cases)} cases within {args.tolerance:g}"
+    print(f"{verdict} ({time.perf_counter() - start:.0f} s)")
     return 1 if failed else 0
 
 
