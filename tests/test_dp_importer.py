@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import pathlib
+import zipfile
 
 import dill
 import pytest
@@ -290,13 +292,42 @@ def test_config_values_come_back_as_the_same_plain_values():
     assert plain == values
     assert repr(plain) == repr(values)  # bool stays bool, int stays int, float stays float
 
+    # sub-configs set to null stay null; a value of a class the reader does not model becomes its name
+    odd = OmegaConf.create({"sub": {"x": 1}, "seq": [1, 2], "path": pathlib.Path("/data/demo.hdf5")})
+    odd.sub, odd.seq = None, None
+    assert inert_to_plain(safe_loads(dill.dumps(odd))) == {"sub": None, "seq": None, "path": "<pathlib.PosixPath>"}
+
     deep: dict = {}
     node = deep
-    for _ in range(70):  # the reader stops at 64 levels
+    for _ in range(70):  # the reader stops at 64 levels, in plain containers and in OmegaConf's own
         node["x"] = {}
         node = node["x"]
-    with pytest.raises(ValueError, match="nests too deeply"):
-        inert_to_plain(safe_loads(dill.dumps(deep)))
+    nested_list: list = []
+    node = nested_list
+    for _ in range(70):
+        node.append([])
+        node = node[0]
+    for blob in (deep, OmegaConf.create(deep), OmegaConf.create({"x": nested_list})):
+        with pytest.raises(ValueError, match="nests too deeply"):
+            inert_to_plain(safe_loads(dill.dumps(blob)))
+
+
+def test_a_checkpoint_saved_on_a_gpu_reads_on_the_cpu(tmp_path, monkeypatch):
+    """DP's checkpoints come from GPU training: their storages say "cuda:0". The reader maps them to the
+    CPU (a CPU-only machine could not create them there; a GPU machine would put them on the GPU)."""
+    import torch.serialization
+
+    from parapolicy.importers.safe_pickle import safe_torch_load
+
+    weights = {"w": torch.arange(6.0).reshape(2, 3)}
+    with monkeypatch.context() as patch:  # as torch.save writes a CUDA tensor's storage
+        patch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save({"state_dicts": {"model": weights}}, tmp_path / "gpu.ckpt")
+    with zipfile.ZipFile(tmp_path / "gpu.ckpt") as archive:
+        pickled = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+    assert b"cuda:0" in pickled
+    loaded = safe_torch_load(tmp_path / "gpu.ckpt")["state_dicts"]["model"]["w"]
+    assert loaded.device.type == "cpu" and torch.equal(loaded, weights["w"])
 
 
 @pytest.mark.parametrize("protocol", [0, 2, 4])
@@ -305,7 +336,7 @@ def test_old_protocol_pickles_are_read_and_refused_under_python3_names(protocol)
 
     from parapolicy.importers.safe_pickle import UnsafePickleError, safe_loads
 
-    data = {"bytes": b"\x00\xff raw", "tuple": (1, 2.0), "set": {3}}
+    data = {"bytes": b"\x00\xff raw", "tuple": (1, 2.0), "set": {3}, "range": range(3)}  # range: __builtin__.xrange
     assert safe_loads(pickle.dumps(data, protocol=protocol)) == data
     with pytest.raises(UnsafePickleError) as info:
         safe_loads(pickle.dumps(Malicious(eval, "1"), protocol=protocol))
