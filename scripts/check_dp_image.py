@@ -5,7 +5,7 @@
         --convert-python .venv/bin/python
 
 Needs an environment where DP's code runs (torch + torchvision, hydra-core, dill, einops, diffusers,
-zarr, h5py for robomimic; parapolicy installed) and checkouts of real-stanford/diffusion_policy and
+zarr, tqdm and six; parapolicy installed, with safetensors) and checkouts of real-stanford/diffusion_policy and
 robomimic 0.2.0 (the version DP pins). Nothing of theirs is imported by parapolicy itself.
 
 Per case, with DP's own code:
