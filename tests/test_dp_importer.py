@@ -281,7 +281,7 @@ def test_ddim_variants_and_other_schedulers_are_refused_by_name(tmp_path, change
 def test_config_values_come_back_as_the_same_plain_values():
     """DP's cfg is an OmegaConf object pickled with dill: every kind of value comes back as plain data,
     interpolations as their raw strings (never resolved, never evaluated)."""
-    from omegaconf import OmegaConf
+    from omegaconf import DictConfig, ListConfig, OmegaConf
 
     from parapolicy.importers.safe_pickle import inert_to_plain, safe_loads
 
@@ -292,10 +292,15 @@ def test_config_values_come_back_as_the_same_plain_values():
     assert plain == values
     assert repr(plain) == repr(values)  # bool stays bool, int stays int, float stays float
 
-    # sub-configs set to null stay null; a value of a class the reader does not model becomes its name
-    odd = OmegaConf.create({"sub": {"x": 1}, "seq": [1, 2], "path": pathlib.Path("/data/demo.hdf5")})
-    odd.sub, odd.seq = None, None
-    assert inert_to_plain(safe_loads(dill.dumps(odd))) == {"sub": None, "seq": None, "path": "<pathlib.PosixPath>"}
+    # null sub-configs stay null, a sub-config that is an interpolation stays its string, a value of a
+    # class the reader does not model becomes its name; plain containers (tuples as lists) as well
+    odd = OmegaConf.create({"sub": DictConfig(None), "seq": ListConfig(None), "meta": DictConfig("${shape}"),
+                            "shape": {"a": 1}, "path": pathlib.Path("/data/demo.hdf5")})
+    assert inert_to_plain(safe_loads(dill.dumps(odd))) == {"sub": None, "seq": None, "meta": "${shape}",
+                                                         "shape": {"a": 1}, "path": "<pathlib.PosixPath>"}
+    plain_containers = {"a": [1, {"b": (2, 3)}], 4: "four", "raw": b"\x00"}
+    assert inert_to_plain(safe_loads(dill.dumps(plain_containers))) == {"a": [1, {"b": [2, 3]}], "4": "four",
+                                                                        "raw": "<bytes>"}
 
     deep: dict = {}
     node = deep
@@ -307,7 +312,7 @@ def test_config_values_come_back_as_the_same_plain_values():
     for _ in range(70):
         node.append([])
         node = node[0]
-    for blob in (deep, OmegaConf.create(deep), OmegaConf.create({"x": nested_list})):
+    for blob in (deep, nested_list, OmegaConf.create(deep), OmegaConf.create({"x": nested_list})):
         with pytest.raises(ValueError, match="nests too deeply"):
             inert_to_plain(safe_loads(dill.dumps(blob)))
 
