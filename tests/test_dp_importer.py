@@ -335,6 +335,25 @@ def test_a_checkpoint_saved_on_a_gpu_reads_on_the_cpu(tmp_path, monkeypatch):
     assert loaded.device.type == "cpu" and torch.equal(loaded, weights["w"])
 
 
+@pytest.mark.parametrize("protocol", [0, 1])
+def test_protocol_0_and_1_configs_rebuild_only_stand_ins(protocol):
+    """Protocols 0 and 1 rebuild objects through copyreg._reconstructor: an OmegaConf config still comes
+    back as its plain values, and the reconstructor refuses to build anything but a stand-in."""
+    import pickle
+
+    from omegaconf import OmegaConf
+
+    from parapolicy.importers.safe_pickle import inert_to_plain, safe_loads
+
+    values = {"horizon": 16, "keys": ["object", "robot0_eef_pos"], "ema": {"power": 0.75}}
+    blob = dill.dumps(OmegaConf.create(values), protocol=protocol)
+    assert b"_reconstructor" in blob and inert_to_plain(safe_loads(blob)) == values
+    # copyreg._reconstructor(collections.OrderedDict, object, None), written by hand: both names allowed
+    forged = b"ccopy_reg\n_reconstructor\n(ccollections\nOrderedDict\nc__builtin__\nobject\nNtR."
+    with pytest.raises(pickle.UnpicklingError, match="_reconstructor asked to build"):
+        safe_loads(forged)
+
+
 @pytest.mark.parametrize("protocol", [0, 2, 4])
 def test_old_protocol_pickles_are_read_and_refused_under_python3_names(protocol):
     import pickle
