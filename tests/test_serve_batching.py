@@ -90,6 +90,55 @@ def test_a_connected_robot_that_is_not_waiting_holds_the_batch_until_max_wait():
     assert max(r["timing"]["queue_ms"] for r in replies) >= 1500 - 1
 
 
+# ------------------------------------------------------------------------------ mixed requests in one batch
+def test_requests_that_plan_differently_share_a_batch_but_not_a_model_call():
+    """Four robots waiting at once (one batch): a v1 request, two candidates with a prefix, two candidates
+    without, two candidates with a weighted prefix. Each kind is its own predict_action call (a call's
+    options hold for all its rows), and every robot gets exactly what it gets when served alone."""
+    policy = tiny_policy(seed=3)
+    policy.set_sampler("ddpm", 5)
+    obs = histories(policy, 4, seed=4)
+    action_dim = policy.config.action_dim
+    prefix = np.linspace(-0.4, 1.5, 3 * action_dim, dtype=np.float32).reshape(3, action_dim)
+    options = [{}, {"chunk": True, "candidates": 2, "prefix": prefix},
+               {"chunk": True, "candidates": 2},
+               {"chunk": True, "candidates": 2, "prefix": prefix, "prefix_weights": np.float32([1.0, 0.5, 0.25])}]
+
+    def ask(server, r: int, barrier=None) -> dict:
+        client = RemotePolicy(server.url, timeout_s=30)
+        try:
+            if barrier is not None:
+                barrier.wait()
+            return client.infer(obs[r], reset=True, seed=10 + r, **options[r])
+        finally:
+            client.close()
+
+    with ServerThread(PolicyServer(policy, "127.0.0.1", 0, max_batch=1)) as server:
+        alone = [ask(server, r) for r in range(4)]
+    batched = PolicyServer(policy, "127.0.0.1", 0, max_batch=4, max_wait_ms=60_000)
+    batches, plan = [], batched._plan
+    batched._plan = lambda batch: (batches.append(len(batch)), plan(batch))[1]
+    with ServerThread(batched) as server:
+        barrier, together = threading.Barrier(4), [None] * 4
+
+        def run(r: int) -> None:
+            together[r] = ask(server, r, barrier)
+
+        threads = [threading.Thread(target=run, args=(r,)) for r in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        stats = server.server.stats
+    assert all(reply is not None and reply["type"] == "action" for reply in together), together
+    assert batches == [4]  # one batch (all four connected robots were waiting) ...
+    assert stats.batches == 4 and stats.batch_sizes == [1, 1, 1, 1]  # ... planned in four calls of one row
+    np.testing.assert_allclose(together[0]["action"], alone[0]["action"], atol=1e-5)
+    for r in (1, 2, 3):
+        assert np.asarray(together[r]["chunks"]).shape == (2, policy.config.horizon, action_dim)
+        np.testing.assert_allclose(together[r]["chunks"], alone[r]["chunks"], atol=1e-5)
+
+
 # ------------------------------------------------------------------------------ shutdown with queued work
 class HeldPlanner:
     """Holds the server's model calls until ``release`` is set; counts calls that started."""
