@@ -90,6 +90,40 @@ def test_a_connected_robot_that_is_not_waiting_holds_the_batch_until_max_wait():
     assert max(r["timing"]["queue_ms"] for r in replies) >= 1500 - 1
 
 
+@pytest.mark.parametrize("n_robots", [2, 3])
+def test_a_batch_waits_for_every_connected_robot_up_to_max_batch(n_robots):
+    """Robots that ask one after another (each sends once the server holds the previous request) within
+    max_wait end up in one batch, for max_batch = 2 as for more: the oldest request waits for the
+    others as long as max_wait allows, not only until the next arrival."""
+    policy = tiny_policy(seed=1)
+    policy.set_sampler("ddim", 4)
+    obs = histories(policy, n_robots, seed=2)
+    srv = PolicyServer(policy, "127.0.0.1", 0, max_batch=n_robots, max_wait_ms=800)
+    with ServerThread(srv) as server:
+        clients = [RemotePolicy(server.url, timeout_s=30) for _ in range(n_robots)]
+        replies: list = [None] * n_robots
+
+        def ask(r: int) -> None:
+            replies[r] = clients[r].infer(obs[r], reset=True, seed=r)
+
+        threads = []
+        try:
+            for r in range(n_robots):
+                threads.append(threading.Thread(target=ask, args=(r,)))
+                threads[-1].start()
+                deadline = time.perf_counter() + 10
+                while srv._inflight < r + 1 and time.perf_counter() < deadline:  # the server holds it
+                    time.sleep(0.001)
+            for t in threads:
+                t.join(60)
+        finally:
+            for c in clients:
+                c.close()
+    assert all(reply is not None for reply in replies)
+    assert [reply["timing"]["batch"] for reply in replies] == [n_robots] * n_robots
+    assert srv.stats.batches == 1
+
+
 # ------------------------------------------------------------------------------ mixed requests in one batch
 def test_requests_that_plan_differently_share_a_batch_but_not_a_model_call():
     """Four robots waiting at once (one batch): a v1 request, two candidates with a prefix, two candidates
