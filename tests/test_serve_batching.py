@@ -168,6 +168,10 @@ def test_requests_that_plan_differently_share_a_batch_but_not_a_model_call():
     assert batches == [4]  # one batch (all four connected robots were waiting) ...
     assert stats.batches == 4 and stats.batch_sizes == [1, 1, 1, 1]  # ... planned in four calls of one row
     np.testing.assert_allclose(together[0]["action"], alone[0]["action"], atol=1e-5)
+    for reply in together:  # what the call reports: DDPM-5 is sequential, 5 rounds of one evaluation
+        timing = reply["timing"]
+        assert (timing["batch"], timing["rounds"], timing["model_evals"], timing["converged"]) == (1, 5, 5, True)
+        assert 0 < timing["plan_ms"] <= timing["server_ms"]
     for r in (1, 2, 3):
         assert np.asarray(together[r]["chunks"]).shape == (2, policy.config.horizon, action_dim)
         np.testing.assert_allclose(together[r]["chunks"], alone[r]["chunks"], atol=1e-5)
