@@ -175,6 +175,11 @@ def test_requests_that_plan_differently_share_a_batch_but_not_a_model_call():
     for r in (1, 2, 3):
         assert np.asarray(together[r]["chunks"]).shape == (2, policy.config.horizon, action_dim)
         np.testing.assert_allclose(together[r]["chunks"], alone[r]["chunks"], atol=1e-5)
+    # the options reached the model: a hard prefix is imposed exactly, a weighted one only where its weight is 1
+    hard, soft = np.asarray(together[1]["chunks"]), np.asarray(together[3]["chunks"])
+    np.testing.assert_allclose(hard[:, :3], np.broadcast_to(prefix, (2, 3, action_dim)), atol=1e-5)
+    np.testing.assert_allclose(soft[:, 0], np.broadcast_to(prefix[0], (2, action_dim)), atol=1e-5)
+    assert not np.allclose(soft[:, 1:3], np.broadcast_to(prefix[1:], (2, 2, action_dim)), atol=1e-3)
 
 
 # ------------------------------------------------------------------------------ shutdown with queued work
