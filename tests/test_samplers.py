@@ -469,6 +469,38 @@ def test_low_precision_model_leaves_the_sums_in_float32(case):
     assert low.rounds == wide.rounds and torch.equal(low.sample, wide.sample.bfloat16())
 
 
+def test_deadline_counts_milliseconds_since_the_call(monkeypatch):
+    """deadline_ms: stop after the first round that ends more than deadline_ms after sample() was called.
+    A fake clock (each model call takes one second) makes rounds end at 1, 2, 3, 4 s: 3 s is not past
+    3000 ms, 4 s is."""
+    from parapolicy.samplers import base, picard
+
+    clock = [100.0]
+    fake_time = type("Clock", (), {"perf_counter": staticmethod(lambda: clock[0])})
+    monkeypatch.setattr(base, "time", fake_time)
+    monkeypatch.setattr(picard, "time", fake_time)
+    model = net_denoiser()
+
+    def denoise(x, t):
+        clock[0] += 1.0
+        return model(x, t)
+
+    x_T, noise = inputs(20)
+    sampler = make_sampler("paraddpm", POLICY, 20, window=4, tolerance=0, deadline_ms=3000)
+    out = sampler.sample(denoise, x_T, noise=noise)
+    assert out.rounds == 4 and not out.converged  # a window of 4 cannot finish 20 steps in 4 rounds
+
+
+def test_a_warm_start_is_read_not_written():
+    """The caller's ``init`` comes back unchanged (the sampler iterates on its own copy)."""
+    _, parallel = pair("ddpm-policy", tolerance=0.1)
+    x_T, noise = inputs(100)
+    init = torch.randn(101, *x_T.shape, dtype=x_T.dtype, generator=torch.Generator().manual_seed(3))
+    before = init.clone()
+    parallel.sample(net_denoiser(), x_T, noise=noise, init=init)
+    assert torch.equal(init, before)
+
+
 # ------------------------------------------------------------------------------- timestep spacing
 TRAILING_15 = [99, 92, 86, 79, 72, 66, 59, 52, 46, 39, 32, 26, 19, 12, 6]  # diffusers, N = 15 of T = 100
 
