@@ -277,6 +277,36 @@ def test_ddim_variants_and_other_schedulers_are_refused_by_name(tmp_path, change
     assert not (tmp_path / "out").exists()
 
 
+def test_a_scheduler_without_target_is_dps_default_ddpm(tmp_path):
+    """DP's noise_scheduler without ``_target_`` is a DDPMScheduler (DP's default), not refused."""
+    policy = small_policy()
+    ddpm = {k: v for k, v in DDIM.items() if k not in ("_target_", "set_alpha_to_one", "steps_offset")}
+    source = dp_checkpoint_from_policy(tmp_path / "dp.ckpt", policy, noise_scheduler=ddpm, num_inference_steps=8)
+    converted = load_policy(convert(source, tmp_path / "out"))
+    assert converted.config.sampler == "ddpm" and converted.sampler.num_inference_steps == 8
+
+
+def test_dp_normaliser_becomes_the_same_min_max_map_and_bad_ones_are_refused():
+    """DP's y = x * scale + offset equals our 2 (x - min) / (max - min) - 1 with min = (-1 - offset) / scale,
+    max = (1 - offset) / scale; zero or negative scales, NaN or inf anywhere, and ranges our normaliser would
+    take as flat are refused."""
+    from parapolicy.importers.diffusion_policy import dp_affine_to_minmax
+
+    scale, offset = torch.tensor([0.5, 2.0, 40.0]), torch.tensor([0.1, -0.3, 2.0])
+    low, high = dp_affine_to_minmax(scale, offset)
+    x = torch.tensor([[-1.0, 0.25, 3.0], [2.0, -0.5, 0.01]])
+    torch.testing.assert_close(2 * (x - low) / (high - low) - 1, x * scale + offset, rtol=1e-5, atol=1e-5)
+    for bad_scale, bad_offset, message in (
+        ([0.5, 0.0, 1.0], [0.0, 0.0, 0.0], r"dims \[1\]"),
+        ([0.5, -2.0, 1.0], [0.0, 0.0, 0.0], r"dims \[1\]"),
+        ([0.5, 1.0, 3e4], [0.0, 0.0, 0.0], r"dims \[2\]"),  # a span of 2 / 3e4 < 1e-4: flat
+        ([0.5, 1.0, 1.0], [0.0, float("nan"), 0.0], "NaN or inf"),
+        ([0.5, float("inf"), 1.0], [0.0, 0.0, 0.0], "NaN or inf"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            dp_affine_to_minmax(torch.tensor(bad_scale), torch.tensor(bad_offset))
+
+
 # ------------------------------------------------------------------------------- the restricted reader
 def test_config_values_come_back_as_the_same_plain_values():
     """DP's cfg is an OmegaConf object pickled with dill: every kind of value comes back as plain data,
