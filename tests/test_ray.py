@@ -187,3 +187,34 @@ def test_ray_runs_real_time_execution_like_the_local_executor(ray_address, tmp_p
     summary = json.loads((remote / "summary.json").read_text())
     run = next(iter(summary["runs"].values()))
     assert run["timing"] == "async" and run["transition"] == "forecast" and run["delay_steps"] == 3.0
+
+
+def test_an_image_policy_on_ray_with_videos_plans_as_in_this_process(ray_address, tmp_path):
+    """The shipped Lift image policy on a Ray worker, recording videos there, against a local run without
+    videos: the same episodes, to the per-call shadow deviation (a function of the camera frames the policy
+    saw), so rendering the video camera does not disturb the observation cameras; the mp4s decode."""
+    import imageio.v3 as iio
+
+    image = ["env=lift_image", "checkpoint=checkpoints/lift_image", "sampler=paraddim", "sampler.num_inference_steps=8",
+             "baseline=ddim", "shadow=true", "n_episodes=1", "max_episode_steps=16", "torch_threads=1",
+             "progress_bar=false"]
+    local, remote = tmp_path / "local", tmp_path / "ray"
+    proc = run_eval(*image, f"hydra.run.dir={local}")
+    on_worker = run_eval(*image, "executor=ray", f"ray.address={ray_address}", "ray.num_workers=1", "video=true",
+                         "n_video_episodes=1", "video_size=64", f"hydra.run.dir={remote}")
+    _, err = on_worker.communicate(timeout=600)
+    assert on_worker.returncode == 0, err[-3000:]
+    assert "video replay differs" not in err  # the rendering replay saw the frames the timed episode saw
+    finish(proc)
+    on_ray, here = read_log(remote / "episodes.jsonl"), read_log(local / "episodes.jsonl")
+    assert sorted(on_ray) == sorted(here) == [("ddim-8", 0), ("paraddim-8", 0)]
+    for key, ep in on_ray.items():
+        assert_same_episode(ep, here[key])
+        assert all(c["encode_ms"] > 0 for c in ep["calls"])  # the encoder ran on the worker, once per call
+    deviations = [c["shadow_deviation"] for c in here[("paraddim-8", 0)]["calls"]]
+    assert len(deviations) == 2 and len(set(deviations)) == 2 and min(deviations) > 0  # frame-dependent
+    videos = sorted((remote / "videos").iterdir())
+    assert len(videos) == 3
+    for video in videos:
+        frames = iio.imread(video, plugin="FFMPEG")
+        assert frames.shape[0] == 1 + 16 and frames.std() > 5
