@@ -277,6 +277,27 @@ def test_ddim_variants_and_other_schedulers_are_refused_by_name(tmp_path, change
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("extra_key, message", [("obs_encoder.nets.rgb.conv1.weight", "image"),
+                                                ("model.obs_encoder.key_model_map.rgb.fc.weight", "image / hybrid"),
+                                                ("model.encoder.layers.0.linear1.weight", "transformer"),
+                                                ("model.tok_emb.weight", "transformer")])
+def test_weights_of_another_architecture_are_refused_whatever_the_class_says(tmp_path, extra_key, message):
+    """A checkpoint named as the low-dim U-Net policy but carrying an image encoder's or a transformer's
+    weights is refused by what the weights are (the class name alone is not trusted)."""
+    from dp_format import dp_config, write_dp_checkpoint
+
+    policy = small_policy()
+    sd = {**dp_state_dict(policy, *shipped_dp_normalizer(policy)), extra_key: torch.zeros(2)}
+    cfg = dp_config(obs_dim=policy.config.obs_dim, action_dim=policy.config.action_dim,
+                    down_dims=list(policy.config.down_dims),
+                    diffusion_step_embed_dim=policy.config.diffusion_step_embed_dim,
+                    kernel_size=policy.config.kernel_size)
+    source = write_dp_checkpoint(tmp_path / "dp.ckpt", cfg, sd, dict(sd))
+    with pytest.raises(UnsupportedCheckpointError, match=message):
+        convert(source, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_scheduler_without_target_is_dps_default_ddpm(tmp_path):
     """DP's noise_scheduler without ``_target_`` is a DDPMScheduler (DP's default), not refused."""
     policy = small_policy()
