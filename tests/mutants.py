@@ -36,7 +36,7 @@ SCRATCH = REPO / ".mutants"
 # Narrowed where a full run does not finish on a loaded 2-core machine (each surviving mutant reruns every
 # test that reaches it): the functions named are the ones that carry the module's algorithm or routing.
 MODULES: dict[str, tuple[str, list[str], list[str]]] = {
-    "base": ("parapolicy/samplers/base.py", ["tests/test_samplers.py"],
+    "base": ("parapolicy/samplers/base.py", ["tests/test_samplers.py", "tests/test_srds_parataa.py"],
              # what the parallel samplers build on: windows, budgets, noise levels, noise, the initial
              # trajectory (not: x0 clipping / prediction types / the sequential loop, which every
              # parallel = sequential test covers, nor repr and option listing)
