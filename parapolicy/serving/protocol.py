@@ -35,9 +35,9 @@ version 2 adds, all optional (``RemotePolicy.plan_chunk``, ``AsyncPolicy``)::
      "delay_steps": 4            # the client's delay estimate for this plan (recorded in the timing)
 
 and its reply to a ``chunk`` request carries ``"chunks": <float32 [candidates, horizon, A]>`` and
-``"start"`` (the position of the request's own step) instead of ``"action"``. The server keeps each
-robot's previous chunk (``RobotSession.previous_chunk``); the client sends the prefix because only it
-knows what the robot actually executed (stalls, holds, blends).
+``"start"`` (the position of the request's own step) instead of ``"action"``. The server keeps no
+chunk: the client sends the prefix because only it knows what the robot actually executed (stalls,
+holds, blends).
 
 server -> client, the reply::
 

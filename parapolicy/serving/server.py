@@ -97,7 +97,6 @@ class RobotSession:
         self.history: deque[np.ndarray] = deque(maxlen=self.n_obs_steps)
         self.image_history: deque[dict[str, np.ndarray]] = deque(maxlen=self.n_obs_steps)  # image policies
         self.previous_sample: torch.Tensor | None = None  # warm starts never cross episodes
-        self.previous_chunk: np.ndarray | None = None  # [H, A] raw units, the last chunk planned (protocol v2)
 
     def observe(self, observations: list[np.ndarray], images: list[dict[str, np.ndarray]] | None = None) -> None:
         """Append flat observations (oldest first) and, for image policies, their frames {key: uint8
@@ -465,7 +464,6 @@ class PolicyServer:
                           "model_evals": _as_int(plan["model_evals"]), "converged": converged, "warm": warm}
                 for row, i in enumerate(rows):
                     batch[i].robot.previous_sample = plan["sample"][row * m : row * m + 1]
-                    batch[i].robot.previous_chunk = chunks[row, 0]
                     results[i] = {"action": np.ascontiguousarray(actions[row * m]),
                                   "chunks": np.ascontiguousarray(chunks[row]), "timing": timing}
                 self.stats.batches += 1
