@@ -550,3 +550,42 @@ def test_forecast_stays_within_the_range_the_policy_was_trained_on():
     np.testing.assert_allclose(forecast_history(history, 0), history)
     outside = forecast_history(history, 1, low=np.array([5, 5, 5]), high=np.array([6, 6, 6]))
     assert outside[0, 0] >= 0.0  # what was observed stays allowed, even outside the trained range
+
+
+class ThreeCandidatesPolicy(LabelledPolicy):
+    """Three candidate chunks per env (bid:3). They differ only in column 1 (the position label), by
+    offsets chosen so that the candidate closest to the committed actions depends on how many positions
+    count: over position 0 alone candidate 1 wins, over the first start + d = 5 candidate 2; with no
+    committed positions candidate 0 is the default. (Checked: counting start, H or nothing fails.)"""
+
+    OFFSETS = {0: (100.0, 100.0), 1: (0.0, 50.0), 2: (30.0, 0.0)}  # column 1 at position 0, at 1..4
+
+    def predict_action(self, obs_history, x_T=None, noise=None, **kwargs):
+        out = super().predict_action(obs_history, x_T, noise, **kwargs)
+        b = obs_history.shape[0]
+        if b == 3:  # a bid:3 request for one env: rows are its candidates
+            chunk = out["action_pred"].clone()
+            for row in range(3):
+                first, middle = self.OFFSETS[row]
+                chunk[row, 0, 1] += first
+                chunk[row, 1:5, 1] += middle
+                # which candidate ran, in column 2 from position 5 on: the same for every candidate's
+                # distance later (their first 5 positions all hold 1 there), so it never sways a pick
+                chunk[row, 5:, 2] += 1000.0 * row
+            out.update(action_pred=chunk, action=chunk[:, START : START + S], sample=chunk)
+        return out
+
+
+def test_bid_picks_the_candidate_closest_over_the_committed_positions():
+    """The runner's bidirectional decoding compares candidates with the executed / committed actions over
+    positions [0, start + d): at 200 ms (d = 4) that is 5 positions, where candidate 2 is closest; a
+    runner that counted only start, or the whole chunk, or nothing, would run another candidate."""
+    envs = vector_env(60)
+    policy = ThreeCandidatesPolicy()
+    record = PolicyRunner(envs, policy, timing="async", latency=200, transition="bid:3").run_batch([7])[0]
+    executed = np.stack(envs.envs[0].actions)
+    calls = executed[:, 0].round().astype(int)
+    later = calls > 0  # actions of chunks planned with candidates
+    assert later.sum() >= 20 and record["stall_steps"] == 0
+    assert (executed[later, 1] >= 5).all()  # each chunk from its position start + d on
+    assert (executed[later, 2] == 2001.0).all(), executed[later, 2]  # always candidate 2
