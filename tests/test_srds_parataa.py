@@ -499,3 +499,25 @@ def test_generator_draws_the_same_noise_as_sequential():
     for name in ("parasrdsddpm", "parataaddpm"):
         out = make_sampler(name, POLICY, 30, tolerance=TINY).sample(denoise, x_T, generator=torch.Generator().manual_seed(3))
         assert rel_err(out.sample, expected.sample) < 1e-6
+
+
+def test_srds_deadline_is_milliseconds_since_the_call_and_strict(monkeypatch):
+    """A deadline that a round ends exactly on does not stop SRDS (it stops after the first round that
+    ends *later*), the clock is read relative to the call (a clock far from 0), and in milliseconds.
+    Fake clock: 1000 s at the call, one second per model call (one call per round)."""
+    from parapolicy.samplers import srds as srds_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(srds_module, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: clock[0])}))
+    model = net_denoiser()
+
+    def denoise(x, t):
+        clock[0] += 1.0
+        return model(x, t)
+
+    x_T, _ = inputs(20)
+    for deadline_ms, rounds in ((4000.0, 5), (4000.5, 5), (3999.5, 4)):
+        clock[0] = 1000.0
+        srds = make_sampler("parasrdsddim", POLICY, 20, num_blocks=4, timestep_spacing="trailing", tolerance=0,
+                            deadline_ms=deadline_ms)
+        assert srds.sample(denoise, x_T).rounds == rounds, deadline_ms
