@@ -165,10 +165,22 @@ def visual_core(sd, camera, image):
     return F.relu(F.linear(keypoints, sd[f"{prefix}.nets.3.weight"], sd[f"{prefix}.nets.3.bias"]))  # + robomimic's ReLU
 
 
-def dp_hybrid_predict_action(sd, obs, generator, num_inference_steps=10):
-    """DiffusionUnetHybridImagePolicy.predict_action: obs {key: [B, To, ...]} (images float in [0, 1])."""
+def dp_ddpm_actions(sd, global_cond, generator, num_inference_steps):
+    """DP's ``conditional_sample`` with its DDPM scheduler (diffusers), then its action unnormalisation:
+    ``action_pred [B, 16, 7]`` (raw units) from the U-Net's global conditioning ``[B, cond]``."""
     from diffusers import DDPMScheduler
 
+    scheduler = DDPMScheduler(**{k: v for k, v in SCHEDULER.items() if k != "_target_"})
+    trajectory = torch.randn((global_cond.shape[0], 16, 7), generator=generator)
+    scheduler.set_timesteps(num_inference_steps)
+    for t in scheduler.timesteps:
+        out = dp_unet_forward(sd, trajectory, torch.as_tensor(t), global_cond, n_levels=len(DOWN), step_dim=STEP_DIM)
+        trajectory = scheduler.step(out, t, trajectory, generator=generator).prev_sample
+    return (trajectory - sd["normalizer.params_dict.action.offset"]) / sd["normalizer.params_dict.action.scale"]
+
+
+def dp_hybrid_predict_action(sd, obs, generator, num_inference_steps=10):
+    """DiffusionUnetHybridImagePolicy.predict_action: obs {key: [B, To, ...]} (images float in [0, 1])."""
     batch, steps = obs["robot0_eef_pos"].shape[:2]
     features = []
     for key, attr in SHAPE_META["obs"].items():  # insertion order
@@ -179,13 +191,7 @@ def dp_hybrid_predict_action(sd, obs, generator, num_inference_steps=10):
             x = visual_core(sd, key, x[:, :, 4:80, 4:80])  # eval centre crop 84 -> 76
         features.append(x.reshape(batch * steps, -1))
     global_cond = torch.cat(features, dim=-1).reshape(batch, -1)
-    scheduler = DDPMScheduler(**{k: v for k, v in SCHEDULER.items() if k != "_target_"})
-    trajectory = torch.randn((batch, 16, 7), generator=generator)
-    scheduler.set_timesteps(num_inference_steps)
-    for t in scheduler.timesteps:
-        out = dp_unet_forward(sd, trajectory, torch.as_tensor(t), global_cond, n_levels=len(DOWN), step_dim=STEP_DIM)
-        trajectory = scheduler.step(out, t, trajectory, generator=generator).prev_sample
-    action_pred = (trajectory - sd["normalizer.params_dict.action.offset"]) / sd["normalizer.params_dict.action.scale"]
+    action_pred = dp_ddpm_actions(sd, global_cond, generator, num_inference_steps)
     return {"action": action_pred[:, 1:9], "action_pred": action_pred}
 
 
@@ -303,8 +309,6 @@ def dp_image_predict_action(sd, obs, generator, num_inference_steps=10, shared=F
     """DiffusionUnetImagePolicy.predict_action with MultiImageObsEncoder (sorted rgb, then sorted low-dim).
     ``crop=False``: DP's ``random_crop=False``, which crops nothing (its centre crop lands in the slot the
     ImageNet normaliser then overwrites)."""
-    from diffusers import DDPMScheduler
-
     batch, steps = obs["robot0_eef_pos"].shape[:2]
 
     def normalised(key):
@@ -320,13 +324,7 @@ def dp_image_predict_action(sd, obs, generator, num_inference_steps=10, shared=F
         features.append(trunk.mean(dim=(2, 3)))  # avgpool; fc is an Identity
     features += [normalised(key) for key in sorted(LOW_DIM)]
     global_cond = torch.cat(features, dim=-1).reshape(batch, -1)
-    scheduler = DDPMScheduler(**{k: v for k, v in SCHEDULER.items() if k != "_target_"})
-    trajectory = torch.randn((batch, 16, 7), generator=generator)
-    scheduler.set_timesteps(num_inference_steps)
-    for t in scheduler.timesteps:
-        out = dp_unet_forward(sd, trajectory, torch.as_tensor(t), global_cond, n_levels=len(DOWN), step_dim=STEP_DIM)
-        trajectory = scheduler.step(out, t, trajectory, generator=generator).prev_sample
-    action_pred = (trajectory - sd["normalizer.params_dict.action.offset"]) / sd["normalizer.params_dict.action.scale"]
+    action_pred = dp_ddpm_actions(sd, global_cond, generator, num_inference_steps)
     return {"action": action_pred[:, 1:9]}
 
 

@@ -337,34 +337,41 @@ class Recorder(gym.Wrapper):
         return self.env.step(action)
 
 
-@pytest.mark.slow
-def test_closed_loop_episode_through_the_server_reproduces_the_in_process_eval(tmp_path):
+def served_and_local_episode(policy, task: str, seed: int, steps: int, eval_steps: int, out):
+    """One ``task`` episode of ``steps`` through a server for ``policy`` (``run_episode``), then a one-episode
+    eval of ``eval_steps`` through the same server (its output in ``out``), then the same episode in this
+    process (``PolicyRunner``). Returns (served record, local record, served actions, local actions, the
+    eval's summary); the actions are those the env received, ``[steps, action_dim]``."""
     from hydra import compose, initialize_config_module
 
     from parapolicy.envs import make_env
     from parapolicy.evaluation import run_eval
-    from parapolicy.runner import PolicyRunner
     from parapolicy.evaluation.remote import run_episode
+    from parapolicy.runner import PolicyRunner
 
-    policy = tiny_policy(seed=7)  # Square's observation layout
-    policy.set_sampler("paraddpm", 10, window=4, tolerance=0.1, warm_start=True)
-    env = Recorder(make_env("square", max_episode_steps=20))
-    seed = 100003
+    env = Recorder(make_env(task, max_episode_steps=steps))
     with serve(policy) as server:
         with RemotePolicy(server.url) as remote:
             record = run_episode(env, remote, seed)
-        remote_actions, env.actions = list(env.actions), []
-
+        remote_actions, env.actions = np.stack(env.actions), []
         with initialize_config_module("parapolicy.conf", version_base=None):
-            cfg = compose("eval", overrides=[f"server={server.url}", "n_episodes=1", "max_episode_steps=9",
-                                             "progress_bar=false", "env=square"])
-        summary = run_eval(cfg, tmp_path)
-
+            cfg = compose("eval", overrides=[f"server={server.url}", "n_episodes=1", f"max_episode_steps={eval_steps}",
+                                             "progress_bar=false", f"env={task}"])
+        summary = run_eval(cfg, out)
     vec = gym.vector.SyncVectorEnv([lambda: env], autoreset_mode=gym.vector.AutoresetMode.DISABLED)
     (local,) = PolicyRunner(vec, policy).run_batch([seed])
     vec.close()
+    return record, local, remote_actions, np.stack(env.actions), summary
+
+
+@pytest.mark.slow
+def test_closed_loop_episode_through_the_server_reproduces_the_in_process_eval(tmp_path):
+    policy = tiny_policy(seed=7)  # Square's observation layout
+    policy.set_sampler("paraddpm", 10, window=4, tolerance=0.1, warm_start=True)
+    record, local, remote_actions, local_actions, summary = served_and_local_episode(
+        policy, "square", 100003, 20, eval_steps=9, out=tmp_path)
     assert record["length"] == local["length"] == 20 and len(record["calls"]) == 3
-    assert np.array_equal(np.stack(remote_actions), np.stack(env.actions))
+    assert np.array_equal(remote_actions, local_actions)
     assert [c["rounds"] for c in record["calls"]] == [c["rounds"] for c in local["calls"]]
     assert [c["warm"] for c in record["calls"]] == [False, True, True]
     assert all(c["latency_ms"] >= c["server_ms"] > 0 for c in record["calls"])
@@ -523,28 +530,10 @@ def test_bad_image_input_is_refused_by_name_and_oversize_requests_never_leave_th
 @pytest.mark.slow
 def test_image_episode_through_the_server_reproduces_the_in_process_runner(lift_image, tmp_path):
     """A rendered Lift episode (both cameras) through the server and the eval's server executor."""
-    from hydra import compose, initialize_config_module
-
-    from parapolicy.envs import make_env
-    from parapolicy.evaluation import run_eval
-    from parapolicy.evaluation.remote import run_episode
-    from parapolicy.runner import PolicyRunner
-
-    env = Recorder(make_env("lift_image", max_episode_steps=10))
-    seed = 100001
-    with serve(lift_image) as server:
-        with RemotePolicy(server.url) as remote:
-            record = run_episode(env, remote, seed)
-        remote_actions, env.actions = list(env.actions), []
-        with initialize_config_module("parapolicy.conf", version_base=None):
-            cfg = compose("eval", overrides=[f"server={server.url}", "n_episodes=1", "max_episode_steps=3",
-                                             "progress_bar=false", "env=lift_image"])
-        summary = run_eval(cfg, tmp_path)
-    vec = gym.vector.SyncVectorEnv([lambda: env], autoreset_mode=gym.vector.AutoresetMode.DISABLED)
-    (local,) = PolicyRunner(vec, lift_image).run_batch([seed])
-    vec.close()
+    record, local, remote_actions, local_actions, summary = served_and_local_episode(
+        lift_image, "lift_image", 100001, 10, eval_steps=3, out=tmp_path)
     assert record["error"] is None and record["length"] == local["length"] == 10 and len(record["calls"]) == 2
-    assert np.array_equal(np.stack(remote_actions), np.stack(env.actions))
+    assert np.array_equal(remote_actions, local_actions)
     run = summary["runs"]["ddim@server"]
     assert run["n_episodes"] == 1 and run["n_calls"] == 1 and run["server_latency_ms"]["p50"] > 0
 

@@ -273,15 +273,12 @@ def test_srds_warm_start_from_the_answer_takes_one_iteration():
     assert rel_err(warm.trajectory, expected.trajectory) < 1e-12
 
 
-def test_srds_deadline_after_the_coarse_sweep_returns_the_coarse_sweep(monkeypatch):
-    """Stopped by its deadline after round B (before iteration 1 is done), SRDS returns iteration 0, the
-    coarse sweep X^0_b = G_b(X^0_{b-1}) at the block boundaries, not the initial noise. With trailing
-    spacing and equal blocks, DDIM's coarse sweep is DDIM with B steps (blocks of DDIM-20 start at
-    t = 99, 74, 49, 24 like DDIM-4's steps), so diffusers' DDIM-4 is the reference. A fake clock that
-    advances one second per model call makes the stop deterministic."""
+def clocked_srds_denoiser(monkeypatch, start_s: float):
+    """SRDS's clock replaced by a fake one at ``start_s`` seconds that a model call advances by one second
+    (one call per round), and that model: ``(clock, denoise)``, the clock a one-element list."""
     from parapolicy.samplers import srds as srds_module
 
-    clock = [0.0]
+    clock = [start_s]
     monkeypatch.setattr(srds_module, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: clock[0])}))
     model = net_denoiser()
 
@@ -289,6 +286,16 @@ def test_srds_deadline_after_the_coarse_sweep_returns_the_coarse_sweep(monkeypat
         clock[0] += 1.0
         return model(x, t)
 
+    return clock, denoise
+
+
+def test_srds_deadline_after_the_coarse_sweep_returns_the_coarse_sweep(monkeypatch):
+    """Stopped by its deadline after round B (before iteration 1 is done), SRDS returns iteration 0, the
+    coarse sweep X^0_b = G_b(X^0_{b-1}) at the block boundaries, not the initial noise. With trailing
+    spacing and equal blocks, DDIM's coarse sweep is DDIM with B steps (blocks of DDIM-20 start at
+    t = 99, 74, 49, 24 like DDIM-4's steps), so diffusers' DDIM-4 is the reference. A fake clock that
+    advances one second per model call makes the stop deterministic."""
+    clock, denoise = clocked_srds_denoiser(monkeypatch, start_s=0.0)
     n, blocks = 20, 4
     x_T, _ = inputs(n)
     srds = make_sampler("parasrdsddim", POLICY, n, num_blocks=blocks, timestep_spacing="trailing", tolerance=0,
@@ -505,16 +512,7 @@ def test_srds_deadline_is_milliseconds_since_the_call_and_strict(monkeypatch):
     """A deadline that a round ends exactly on does not stop SRDS (it stops after the first round that
     ends *later*), the clock is read relative to the call (a clock far from 0), and in milliseconds.
     Fake clock: 1000 s at the call, one second per model call (one call per round)."""
-    from parapolicy.samplers import srds as srds_module
-
-    clock = [1000.0]
-    monkeypatch.setattr(srds_module, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: clock[0])}))
-    model = net_denoiser()
-
-    def denoise(x, t):
-        clock[0] += 1.0
-        return model(x, t)
-
+    clock, denoise = clocked_srds_denoiser(monkeypatch, start_s=1000.0)
     x_T, _ = inputs(20)
     for deadline_ms, rounds in ((4000.0, 5), (4000.5, 5), (3999.5, 4)):
         clock[0] = 1000.0

@@ -122,8 +122,7 @@ class AsyncPolicy:
         (except for the first plan of an episode)."""
         begin = time.perf_counter()
         self._raise_planner_error()
-        flat = self._flatten(obs)
-        frames = self._images(obs) if self.image_keys else None
+        flat, frames = self._observe(obs)
         if not self._history:
             self._history.extend([flat] * self.n_obs_steps)
             self._frames.extend([frames] * self.n_obs_steps)
@@ -272,13 +271,6 @@ class AsyncPolicy:
             self._in_flight = False
             raise RuntimeError(f"the planner failed: {type(error).__name__}: {error}") from error
 
-    def _images(self, obs: Any) -> dict[str, np.ndarray]:
-        """The camera frames of ``obs`` (checked as the policy checks them), uint8 ``[3, H, W]`` each."""
-        if self._remote:
-            kept = self.policy.observation(obs)
-            return {key: kept[key] for key in self.image_keys}
-        return self.policy._obs_images(obs)
-
     def _remote_observations(self, job: dict) -> list[dict[str, np.ndarray]]:
         """The window a server plans from, one obs dict per step: the (forecast) low-dim row split back
         into the policy's keys, and that step's frames."""
@@ -291,17 +283,20 @@ class AsyncPolicy:
             observations.append(obs)
         return observations
 
-    def _flatten(self, obs: Any) -> np.ndarray:
-        if self._remote and self.image_keys:
-            kept = self.policy.observation(obs)  # low-dim keys as float32 arrays, then frames
-            self._key_sizes = [int(np.size(kept[key])) for key in self.policy.metadata["obs_keys"]]
-            return np.concatenate([np.asarray(kept[key], np.float32).reshape(-1)
-                                   for key in self.policy.metadata["obs_keys"]])
-        if self._remote:
+    def _observe(self, obs: Any) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
+        """``obs`` checked as the policy checks it: the flat low-dim vector ``[obs_dim]`` and, for image
+        policies, the camera frames ``{key: uint8 [3, H, W]}`` (else None)."""
+        if not self._remote:
+            return self.policy._flat_obs(obs), (self.policy._obs_images(obs) if self.image_keys else None)
+        meta = self.policy.metadata
+        if not self.image_keys:
             from parapolicy.serving.protocol import flatten_observation
 
-            return flatten_observation(obs, self.policy.metadata["obs_keys"], int(self.policy.metadata["obs_dim"]))
-        return self.policy._flat_obs(obs)
+            return flatten_observation(obs, meta["obs_keys"], int(meta["obs_dim"])), None
+        kept = self.policy.observation(obs)  # low-dim keys as float32 arrays, then the frames
+        self._key_sizes = [int(np.size(kept[key])) for key in meta["obs_keys"]]
+        flat = np.concatenate([np.asarray(kept[key], np.float32).reshape(-1) for key in meta["obs_keys"]])
+        return flat, {key: kept[key] for key in self.image_keys}
 
     # ------------------------------------------------------------------ lifetime
     def close(self, timeout_s: float = 10.0) -> None:
