@@ -3,7 +3,7 @@
     python -m parapolicy.serve checkpoint=square sampler=paraddpm port=8000
     python -m parapolicy.serve sampler=paraddpm sampler.warm_start=true max_batch=8 max_wait_ms=2
 
-Protocol: ``parapolicy.serving.protocol``; client: ``parapolicy.client.RemotePolicy``. SIGINT / SIGTERM
+Protocol: ``parapolicy.serving.protocol``; client: ``parapolicy.serving.client.RemotePolicy``. SIGINT / SIGTERM
 stop it gracefully (in-flight requests are answered) and print the counters.
 """
 

@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--pause-ms", type=float, default=20.0)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    from parapolicy.accel import make_fast_path, warm_up
+    from parapolicy.policy.accel import make_fast_path, warm_up
     from parapolicy.bench.networks import encoder_parameters, random_images
 
     for name in args.networks:

@@ -269,7 +269,7 @@ def test_runner_drives_an_absolute_policy_and_holds_the_current_pose():
 
     from parapolicy.envs import make_env
     from parapolicy.evaluation.driver import check_policy_fits_task
-    from parapolicy.runner import PolicyRunner
+    from parapolicy.realtime.runner import PolicyRunner
 
     probe = make_env("lift_abs")
     _, info = probe.reset(seed=4)
@@ -401,7 +401,7 @@ def test_abs_action_variants_it_cannot_run_are_refused_by_name(tmp_path, task_na
 
 # ------------------------------------------------------------------------- served and real-time loops
 def test_served_absolute_policy_acts_like_the_local_one():
-    from parapolicy.client import RemotePolicy
+    from parapolicy.serving.client import RemotePolicy
     from parapolicy.serving.server import PolicyServer, ServerThread
 
     policy = abs_policy(prediction_type="epsilon")

@@ -1,6 +1,6 @@
-"""Denoiser fast path (parapolicy.accel): bucketing, padding, slicing, equality with the plain path,
+"""Denoiser fast path (parapolicy.policy.accel): bucketing, padding, slicing, equality with the plain path,
 CPU backends (eager / TorchScript trace / torch.compile) picked per shape with a checked fallback; an
-image policy's encoder through the same backends (parapolicy.accel_encoder).
+image policy's encoder through the same backends (parapolicy.policy.accel_encoder).
 
 Everything runs on CPU (graph capture is skipped there); the last test needs CUDA. The torch.compile
 test takes a minute on 2 cores and runs when PARAPOLICY_TEST_COMPILE=1.
@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 
-from parapolicy.accel import FastPath, apply_fast_path, choose_bucket, resolve_backends, resolve_buckets, warm_up
+from parapolicy.policy.accel import FastPath, apply_fast_path, choose_bucket, resolve_backends, resolve_buckets, warm_up
 from policy_synthetic import ACTION_DIM, CAMERAS, OBS_DIM, tiny_image_policy, tiny_policy
 
 torch.set_num_threads(1)

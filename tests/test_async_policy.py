@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from parapolicy.client import RemotePolicy
+from parapolicy.serving.client import RemotePolicy
 from parapolicy.realtime import AsyncPolicy
 from parapolicy.serving.server import PolicyServer, ServerThread
 from policy_synthetic import tiny_policy
@@ -164,7 +164,7 @@ def test_protocol_v2_chunks_prefix_and_v1_still_served(one_thread):
         v1 = remote.infer(obs, reset=True, seed=5)
         assert v1["action"].shape == (cfg.n_action_steps, cfg.action_dim) and "chunks" not in v1
         # the same robot seed and no v2 keys: exactly the in-process plan for that seed
-        from parapolicy.runner import draw_noise
+        from parapolicy.realtime.runner import draw_noise
 
         x_T, noise = draw_noise(policy, [torch.Generator().manual_seed(5)])
         local = policy.predict_action(torch.from_numpy(np.stack([obs, obs]))[None], x_T=x_T, noise=noise)

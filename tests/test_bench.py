@@ -67,7 +67,7 @@ def test_build_jobs_adds_missing_twins():
 def test_labels_keep_config_steps_and_modes_pair_up():
     """A sampler at its config file's schedule length keeps its bare name; with fast modes each job
     has a +fast variant whose twin is the twin's +fast variant; tolerances sweep with windows."""
-    from parapolicy.accel import FastPath
+    from parapolicy.policy.accel import FastPath
 
     policy = tiny_policy()
     fast_policy = tiny_policy()

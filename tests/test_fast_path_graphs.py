@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from parapolicy.accel import FastPath
+from parapolicy.policy.accel import FastPath
 from policy_synthetic import OBS_DIM, tiny_policy
 
 

@@ -60,7 +60,7 @@ def probe_imports(blocked=()) -> tuple[int, set, str]:
         f"for name in {sorted(blocked)!r}:\n"
         "    sys.modules[name] = None  # import raises ModuleNotFoundError, as if not installed\n"
         f"sys.path.insert(0, {str(REPO / 'tests')!r})\n"
-        "import parapolicy.bench.__main__, parapolicy.bench.run, parapolicy.bench.plots, parapolicy.accel\n"
+        "import parapolicy.bench.__main__, parapolicy.bench.run, parapolicy.bench.plots, parapolicy.policy.accel\n"
         "import parapolicy.policy, parapolicy.samplers, parapolicy.configs, parapolicy.devices\n"
         "import policy_synthetic, pytest, matplotlib.pyplot, tqdm, hydra.core.hydra_config\n"
         "print(json.dumps(sorted({m.split('.')[0] for m, v in sys.modules.items() if v is not None})))\n")

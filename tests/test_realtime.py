@@ -18,7 +18,7 @@ import torch
 
 from parapolicy.realtime.latency import LatencyModel, delay_steps, read_profile
 from parapolicy.realtime.transitions import Transition, forecast_history, pick_candidate, prefix_for, rtc_weights
-from parapolicy.runner import PolicyRunner
+from parapolicy.realtime.runner import PolicyRunner
 from parapolicy.samplers import make_sampler
 from parapolicy.samplers.constraints import PrefixConstraint
 from test_samplers import POLICY, inputs, net_denoiser, rel_err

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from parapolicy.runner import PolicyRunner, make_vector_env, with_sampler
+from parapolicy.realtime.runner import PolicyRunner, make_vector_env, with_sampler
 from policy_synthetic import tiny_config
 
 LIFT_KEYS = ["object", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos"]

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from parapolicy.client import RemotePolicy
+from parapolicy.serving.client import RemotePolicy
 from parapolicy.serving.codec import CodecError, packb, unpackb
 from parapolicy.serving.server import PolicyServer, ServerThread
 from policy_synthetic import ACTION_DIM, OBS_DIM, tiny_policy
@@ -347,7 +347,7 @@ def served_and_local_episode(policy, task: str, seed: int, steps: int, eval_step
     from parapolicy.envs import make_env
     from parapolicy.evaluation import run_eval
     from parapolicy.evaluation.remote import run_episode
-    from parapolicy.runner import PolicyRunner
+    from parapolicy.realtime.runner import PolicyRunner
 
     env = Recorder(make_env(task, max_episode_steps=steps))
     with serve(policy) as server:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from parapolicy.client import RemotePolicy
+from parapolicy.serving.client import RemotePolicy
 from parapolicy.serving.server import PolicyServer, ServerThread
 from policy_synthetic import OBS_DIM, tiny_policy
 
@@ -237,7 +237,7 @@ def test_serve_bench_small_run_has_no_lost_or_misrouted_replies(tmp_path):
     comes back to the robot that asked, and a robot's first chunk replayed alone is the same."""
     from hydra import compose, initialize_config_module
 
-    from parapolicy.serve_bench import run_bench
+    from parapolicy.bench.serving import run_bench
 
     with initialize_config_module("parapolicy.conf", version_base=None):
         cfg = compose("serve_bench", overrides=[

@@ -12,7 +12,7 @@ samplers, so that machine drift hits all of them alike):
    timing ``policy.predict_action`` (what a control loop pays). A parallel sampler's sequential twin
    (paraddpm -> ddpm, paraddim -> ddim, srds / parataa -> the solver they build on) is run with the
    same schedule length. With ``fast_path=both`` (the default) every sampler runs twice, on the plain
-   path (eager PyTorch) and on the fast path (``parapolicy.accel``: on CPU the fastest backend per
+   path (eager PyTorch) and on the fast path (``parapolicy.policy.accel``: on CPU the fastest backend per
    shape, picked and warmed up before timing; label ``+fast``). ``speedup`` is the same-mode twin's p50
    over the sampler's p50 (eager vs eager, fast vs fast); ``speedup_vs_fastest_twin`` divides by the
    *fastest* variant of the twin instead, and ``headline`` holds, per parallel sampler, its fastest

@@ -38,7 +38,7 @@ def time_denoiser(cfg: DictConfig, networks: list, obs_pool, device, fast_option
     networks whose observations differ from ``obs_pool`` (other dims, cameras)."""
     import torch
 
-    from parapolicy.accel import FastPath
+    from parapolicy.policy.accel import FastPath
 
     dcfg = cfg.denoiser
     ks = sorted({int(k) for k in dcfg.k})

@@ -38,7 +38,7 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict:
     import torch
     from tqdm import tqdm
 
-    from parapolicy.accel import FastPath
+    from parapolicy.policy.accel import FastPath
     from parapolicy.policy import load_policy
     from parapolicy.policy.checkpoint import git_commit
 

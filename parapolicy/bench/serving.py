@@ -1,4 +1,5 @@
 """Load test of the policy server: N concurrent simulated robots on loopback, batching on vs off.
+Its command line is ``python -m parapolicy.serve_bench`` (``parapolicy/serve_bench.py``):
 
     python -m parapolicy.serve_bench                                          # ddpm, paraddpm x 1/2/4/8 robots x on/off
     python -m parapolicy.serve_bench 'samplers=[paraddpm]' 'robots=[1,8]' requests_per_robot=30
@@ -25,7 +26,6 @@ import threading
 import time
 from pathlib import Path
 
-import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
@@ -79,7 +79,7 @@ def stop_server(proc: subprocess.Popen) -> str:
 def run_robots(url: str, observations: np.ndarray, n_robots: int, n_requests: int, seed: int,
                timeout_s: float, tag: str) -> dict:
     """``n_robots`` concurrent clients, ``n_requests`` each; returns latencies, batches and the checks."""
-    from parapolicy.client import RemotePolicy
+    from parapolicy.serving.client import RemotePolicy
 
     clients = [RemotePolicy(url, timeout_s=timeout_s) for _ in range(n_robots)]
     barrier = threading.Barrier(n_robots)
@@ -183,7 +183,7 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict:
     import platform
 
     from parapolicy.bench import load_observations
-    from parapolicy.client import RemotePolicy
+    from parapolicy.serving.client import RemotePolicy
     from parapolicy.policy import load_policy
     from parapolicy.configs import resolve_checkpoint
     from parapolicy.serving.server import PolicyServer, ServerThread
@@ -249,13 +249,3 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict:
     print(f"results: {out_dir / 'serve_bench.json'}")
     return result
 
-
-@hydra.main(version_base=None, config_path="pkg://parapolicy.conf", config_name="serve_bench")
-def main(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
-
-    run_bench(cfg, Path(HydraConfig.get().runtime.output_dir))
-
-
-if __name__ == "__main__":
-    main()

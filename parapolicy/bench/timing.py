@@ -38,7 +38,7 @@ class Record:
 
 
 def _fast_path_of(job: Job):
-    from parapolicy.accel import FastPath
+    from parapolicy.policy.accel import FastPath
 
     fast = job.policy.fast_path
     return fast if isinstance(fast, FastPath) else None
@@ -47,7 +47,7 @@ def _fast_path_of(job: Job):
 def warm_up_jobs(jobs: list[Job], batch: int) -> None:
     """Fast-path warm-up (CPU: backend choice per shape) for every fast job, before any timed call;
     each job records the seconds it paid (a shape another job warmed costs nothing)."""
-    from parapolicy.accel import warm_up
+    from parapolicy.policy.accel import warm_up
 
     for job in jobs:
         if _fast_path_of(job) is not None:

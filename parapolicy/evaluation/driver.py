@@ -48,7 +48,7 @@ def run_eval(cfg: DictConfig, out_dir: Path) -> dict:
     """The whole evaluation; returns the summary dict (also written to ``out_dir/summary.json``)."""
     import torch
 
-    from parapolicy.accel import warm_up
+    from parapolicy.policy.accel import warm_up
     from parapolicy.devices import device_name, pick_device
     from parapolicy.evaluation.executors import make_executor
     from parapolicy.evaluation.metrics import format_table, plot_latency

@@ -3,7 +3,7 @@
 An executor gets the eval's runs (``{label: policy}``), the episodes still to do and a ``record(label,
 episode, rec)`` callback; the driver (``parapolicy.evaluation.driver.run_eval``) writes every record to
 ``episodes.jsonl`` as it arrives, then the summary, plot and table. Episode ``e`` always uses seed
-``seed + e`` and its own noise generator (``parapolicy.runner``), so where it runs does not change it.
+``seed + e`` and its own noise generator (``parapolicy.realtime.runner``), so where it runs does not change it.
 
 Ray (``pip install -e ".[ray]"``): one actor per worker loads the checkpoint once, from bytes shipped
 through Ray's object store (no shared filesystem needed, only this package on every node), keeps one
@@ -57,7 +57,7 @@ class LocalExecutor:
 
     def run(self, runs: dict, label: str, shadow, episodes: Iterable[int], done: set, seed: int,
             record: Record) -> None:
-        from parapolicy.runner import PolicyRunner, make_vector_env
+        from parapolicy.realtime.runner import PolicyRunner, make_vector_env
 
         episodes = list(episodes)
         self.envs = make_vector_env(self.env_name, self.n_envs, self.max_episode_steps)
@@ -102,7 +102,7 @@ class EpisodeWorker:
         from parapolicy.devices import device_name, pick_device
         from parapolicy.evaluation.runs import build_runs
         from parapolicy.policy import load_policy
-        from parapolicy.runner import make_vector_env
+        from parapolicy.realtime.runner import make_vector_env
 
         torch.set_num_threads(threads)
         folder = Path(tempfile.mkdtemp(prefix="parapolicy-ckpt-"))
@@ -113,7 +113,7 @@ class EpisodeWorker:
         policy = load_policy(str(folder), sampler=first.name, device=str(device), num_inference_steps=first.steps,
                              fast_path=fast_path, **first.options)
         self.runs = build_runs(policy, specs)  # the same construction as the driver's
-        from parapolicy.accel import warm_up
+        from parapolicy.policy.accel import warm_up
 
         for run_policy in self.runs.values():
             warm_up(run_policy, 1)
@@ -128,7 +128,7 @@ class EpisodeWorker:
         return {"host": self.host, "device": self.device_name, "pid": os.getpid()}
 
     def run(self, label: str, episode: int, seed: int, attempt: int) -> dict:
-        from parapolicy.runner import PolicyRunner
+        from parapolicy.realtime.runner import PolicyRunner
 
         when = self.crash.get((label, episode))
         if when == "always" or (when == "first" and attempt == 0):

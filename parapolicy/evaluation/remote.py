@@ -61,7 +61,7 @@ class ServerExecutor:
 
     def __init__(self, url: str, env_name: str, n_envs: int, max_episode_steps: int | None,
                  timeout_s: float = REPLY_TIMEOUT_S):
-        from parapolicy.client import RemotePolicy
+        from parapolicy.serving.client import RemotePolicy
 
         self.url, self.env_name, self.max_episode_steps = url, env_name, max_episode_steps
         self.policies = [RemotePolicy(url, timeout_s=timeout_s) for _ in range(n_envs)]

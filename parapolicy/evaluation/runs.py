@@ -174,7 +174,7 @@ def relabel_legacy(episodes: list[dict], specs: list[RunSpec]) -> list[dict]:
 
 def build_runs(policy, specs: list[RunSpec]) -> dict:
     """``{label: policy}``: the sampler's policy first, then each baseline on the same weights."""
-    from parapolicy.runner import with_sampler
+    from parapolicy.realtime.runner import with_sampler
 
     runs = {specs[0].label: policy}
     for spec in specs[1:]:

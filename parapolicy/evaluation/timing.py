@@ -1,5 +1,5 @@
 """The eval's real-time options (``timing``, ``latency``, ``transition``, ``execution_horizon``), checked
-once before any simulator starts and handed to every ``PolicyRunner`` (``parapolicy.runner``).
+once before any simulator starts and handed to every ``PolicyRunner`` (``parapolicy.realtime.runner``).
 
     python -m parapolicy.eval timing=async latency=200 transition=bid_prefix
     python -m parapolicy.eval -m timing=async latency=0,50,100,200,300      # a latency sweep

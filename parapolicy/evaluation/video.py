@@ -212,7 +212,7 @@ def record_videos(cfg, out_dir: Path, runs: dict, specs: Sequence, episodes: Seq
     """
     from tqdm import tqdm
 
-    from parapolicy.runner import PolicyRunner, make_vector_env
+    from parapolicy.realtime.runner import PolicyRunner, make_vector_env
     from parapolicy.samplers import SAMPLERS
 
     order = list(wanted)

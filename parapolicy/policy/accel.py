@@ -46,7 +46,7 @@ plain path to float32 rounding (~1e-6), and do not depend on the padding's conte
     policy.fast_path = "auto"                      # the default: on for CUDA, off on CPU
 
 An image policy's observation encoder, run once per ``predict_action`` call before sampling, has a
-fast path of its own (``FastPath.encoder``, ``parapolicy.accel_encoder``): per batch size, the fastest
+fast path of its own (``FastPath.encoder``, ``parapolicy.policy.accel_encoder``): per batch size, the fastest
 CPU backend checked against eager within ``atol``, or a CUDA graph; ``global_condition(policy, ...)``
 is the conditioning through it, and ``warm_up`` prepares it with the denoiser's shapes.
 
@@ -67,7 +67,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from parapolicy.accel_encoder import EncoderFastPath
+from parapolicy.policy.accel_encoder import EncoderFastPath
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -249,7 +249,7 @@ class FastPath:
         self._model_key = None
         self._compiled: Optional[Callable] = None
         self._token = 0
-        self.encoder = EncoderFastPath(self)  # an image policy's observation encoder (parapolicy.accel_encoder)
+        self.encoder = EncoderFastPath(self)  # an image policy's observation encoder (parapolicy.policy.accel_encoder)
 
     # ------------------------------------------------------------------ public
     def options(self) -> dict:

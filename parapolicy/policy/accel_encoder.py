@@ -54,7 +54,7 @@ class _EncoderRunner:
 
 
 class EncoderFastPath:
-    """The encoder part of ``fast`` (a ``parapolicy.accel.FastPath``: its backends, atol, CUDA-graph
+    """The encoder part of ``fast`` (a ``parapolicy.policy.accel.FastPath``: its backends, atol, CUDA-graph
     option, stats). ``__call__(policy, obs_history, images)`` returns what ``policy.global_condition``
     returns."""
 

@@ -217,7 +217,7 @@ def load_policy(
     ``sampler`` picks a sampler by name (default: the checkpoint's, ddpm); ``sampler_options`` such as
     ``num_inference_steps``, ``window``, ``tolerance`` go to ``make_sampler``. ``fast_path``: "auto"
     (CUDA graphs on CUDA, plain path on CPU), "on" (also on CPU: the fastest backend per shape,
-    ``parapolicy.accel``) or "off".
+    ``parapolicy.policy.accel``) or "off".
     """
     policy = load_checkpoint(resolve_checkpoint(name_or_path), device=device)
     policy.enable_fast_path(fast_path)

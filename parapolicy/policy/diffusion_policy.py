@@ -49,7 +49,7 @@ class DiffusionPolicy(nn.Module):
             self.noise_scheduler = DDPMScheduler.from_config(dict(scheduler_config))
         self._sampler_spec = (config.sampler, config.num_inference_steps, dict(config.sampler_options))
         self._sampler = None  # built lazily: training never needs parapolicy.samplers
-        self.fast_path: Any = "auto"  # parapolicy.accel: "auto" (on for CUDA), None (off) or a FastPath
+        self.fast_path: Any = "auto"  # parapolicy.policy.accel: "auto" (on for CUDA), None (off) or a FastPath
         self.last_info: dict[str, Any] = {}
         self.warm_start = False  # act(): warm-start parallel samplers from the previous call
         self.warm_start_rule = "rollout"
@@ -110,8 +110,8 @@ class DiffusionPolicy(nn.Module):
         return self
 
     def enable_fast_path(self, enabled: bool | str = True, **options: Any) -> "DiffusionPolicy":
-        """Denoiser fast path (static shapes, CUDA graphs, autocast): see ``parapolicy.accel.FastPath``."""
-        from parapolicy.accel import make_fast_path
+        """Denoiser fast path (static shapes, CUDA graphs, autocast): see ``parapolicy.policy.accel.FastPath``."""
+        from parapolicy.policy.accel import make_fast_path
 
         self.fast_path = make_fast_path(enabled, **options)
         return self
@@ -263,8 +263,8 @@ class DiffusionPolicy(nn.Module):
         if self.training or self.model.training:
             self.eval()  # eval crops (centre) and no dropout
         encode_start = _now(self.device)
-        if self.fast_path is not None and images is not None:  # the encoder's fast path (parapolicy.accel_encoder)
-            from parapolicy.accel import global_condition
+        if self.fast_path is not None and images is not None:  # the encoder's fast path (parapolicy.policy.accel_encoder)
+            from parapolicy.policy.accel import global_condition
 
             global_cond = global_condition(self, obs_history, images)
         else:
@@ -282,7 +282,7 @@ class DiffusionPolicy(nn.Module):
 
         denoise = self.make_denoise_fn(global_cond)
         if self.fast_path is not None:
-            from parapolicy.accel import apply_fast_path
+            from parapolicy.policy.accel import apply_fast_path
 
             denoise = apply_fast_path(self, denoise, global_cond)
         constraint = None

@@ -4,7 +4,7 @@
 - ``transitions``: how a new chunk takes over from the one being executed (``Transition``).
 - ``async_policy``: ``AsyncPolicy``, a control loop that never waits for the planner.
 
-The closed-loop simulation of all this is ``parapolicy.runner.PolicyRunner(timing=...)``.
+The closed-loop simulation of all this is ``parapolicy.realtime.runner.PolicyRunner(timing=...)``.
 """
 
 from parapolicy.realtime.async_policy import DEFAULT_TRANSITION, AsyncPolicy

@@ -18,7 +18,7 @@ command (zero arm delta, gripper kept) and counts a stall. The first plan of an 
 Errors raised by the planner surface at the next ``act()``. ``close()`` (or leaving the ``with`` block)
 stops the thread.
 
-``policy`` is a local ``DiffusionPolicy`` or a ``RemotePolicy`` (``parapolicy.client``, protocol v2).
+``policy`` is a local ``DiffusionPolicy`` or a ``RemotePolicy`` (``parapolicy.serving.client``, protocol v2).
 Image policies take robosuite's obs dict with the camera frames; a plan sees the frames of the last
 ``n_obs_steps`` steps (``forecast`` extrapolates the low-dim part only: pixels are never extrapolated).
 """

@@ -1,6 +1,6 @@
 """``RemotePolicy``: a policy served by ``python -m parapolicy.serve``, with a local policy's control-loop API.
 
-    from parapolicy.client import RemotePolicy
+    from parapolicy.serving.client import RemotePolicy
 
     policy = RemotePolicy("ws://127.0.0.1:8000")       # token=... or $PARAPOLICY_TOKEN if the server wants one
     policy.reset(seed=0)                               # at every episode start (seed: reproducible noise)

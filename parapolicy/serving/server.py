@@ -6,7 +6,7 @@ sends a seed). Requests from different connections that arrive within ``max_wait
 waiting one (up to ``max_batch``; no wait once every connected robot is waiting) are planned in one
 ``predict_action`` call on a ``[B, n_obs_steps, obs_dim]`` batch (image policies: with each camera's
 ``[B, n_obs_steps, 3, H, W]`` uint8 frames, encoded in the same call). Every robot draws its own ``x_T [1, H, A]`` and step noise ``[N, 1, H, A]`` from its
-generator, in the order ``parapolicy.runner.PolicyRunner`` draws them, so a robot gets the chunk it
+generator, in the order ``parapolicy.realtime.runner.PolicyRunner`` draws them, so a robot gets the chunk it
 would get alone: exactly for sequential samplers (up to float rounding of a larger batch), within the
 sampler's tolerance for parallel ones (a Picard window advances by the slowest row of the batch, so a
 batched row may iterate a round more than it would alone).
@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from parapolicy.runner import draw_candidates, draw_prefix_noise  # the in-process eval's draw order, shared
+from parapolicy.realtime.runner import draw_candidates, draw_prefix_noise  # the in-process eval's draw order, shared
 from parapolicy.serving.codec import CodecError, packb, unpackb
 from parapolicy.serving.protocol import PROTOCOL_VERSION, PROTOCOLS, BadRequest, Request, error_reply, parse_request
 
@@ -263,7 +263,7 @@ class PolicyServer:
 
     def warm_up(self) -> dict[str, Any] | None:
         """Warm the policy's fast path up for batch sizes 1..max_batch; None when it is off."""
-        from parapolicy.accel import active_fast_path, warm_up
+        from parapolicy.policy.accel import active_fast_path, warm_up
 
         if active_fast_path(self.policy) is None:
             return None
