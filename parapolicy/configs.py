@@ -1,4 +1,4 @@
-"""Lookups in ``conf/`` and the checkpoint folder a config names, shared by the eval, bench and server.
+"""Lookups in ``conf/`` shared by the eval, bench and server (checkpoint folders: ``parapolicy.policy.checkpoint.resolve_checkpoint``).
 
 ``conf/`` ships as the package ``parapolicy.conf``, so these work from an installed wheel as from a checkout.
 """
@@ -40,17 +40,3 @@ def sampler_kwargs(cfg: DictConfig) -> tuple[str, int | None, dict]:
                if k not in SAMPLER_KEYS and v is not None}
     steps = cfg.get("num_inference_steps")
     return str(cfg.name), int(steps) if steps is not None else None, options
-
-
-def resolve_checkpoint(path: str) -> Path:
-    """A checkpoint folder (one holding ``config.json``): as given (relative to the working directory),
-    else relative to the repository, else a shipped name (``square`` -> ``checkpoints/square``)."""
-    candidates = [Path(path), REPO_ROOT / path]
-    if len(Path(path).parts) == 1:
-        candidates.append(REPO_ROOT / "checkpoints" / path)
-    for candidate in candidates:
-        if (candidate / "config.json").is_file():
-            return candidate
-    raise FileNotFoundError(f"checkpoint {path!r} not found (looked for config.json in "
-                            f"{', '.join(str(c) for c in candidates)}); train one with "
-                            f"`python -m parapolicy.train env=...` or pass checkpoint=<folder>")

@@ -23,7 +23,8 @@ def build_server(cfg: DictConfig):
     """Load the policy with its sampler and build the ``PolicyServer`` (fails on bad values before listening)."""
     import torch
 
-    from parapolicy.configs import resolve_checkpoint, sampler_kwargs
+    from parapolicy.configs import sampler_kwargs
+    from parapolicy.policy.checkpoint import resolve_checkpoint
     from parapolicy.devices import pick_device
     from parapolicy.policy import load_policy
     from parapolicy.serving.server import PolicyServer

@@ -187,7 +187,7 @@ def plan(*overrides, checkpoint="checkpoints/lift"):
     """(label, steps, role) of every run an eval with these overrides would make (no simulator)."""
     from hydra import compose, initialize_config_module
 
-    from parapolicy.configs import resolve_checkpoint
+    from parapolicy.policy.checkpoint import resolve_checkpoint
     from parapolicy.evaluation.runs import plan_runs
 
     with initialize_config_module("parapolicy.conf", version_base=None):
@@ -237,7 +237,7 @@ def test_bad_step_counts_fail_in_validate(override, message):
 def test_baselines_inherit_the_samplers_timestep_spacing():
     from hydra import compose, initialize_config_module
 
-    from parapolicy.configs import resolve_checkpoint
+    from parapolicy.policy.checkpoint import resolve_checkpoint
     from parapolicy.evaluation.runs import plan_runs
 
     overrides = ["env=lift", "sampler=paraddim", "sampler.timestep_spacing=trailing",

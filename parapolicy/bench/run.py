@@ -20,7 +20,7 @@ from parapolicy.bench.observations import load_observations
 from parapolicy.bench.plots import make_plots
 from parapolicy.bench.report import format_denoiser_table, format_headline, format_table
 from parapolicy.bench.timing import headline, summarize_phase, time_phase
-from parapolicy.configs import resolve_checkpoint
+from parapolicy.policy.checkpoint import resolve_checkpoint
 from parapolicy.devices import device_name, pick_device
 
 

@@ -148,7 +148,7 @@ def load_sampler_policy(cfg: DictConfig, sampler: str):
 
     from parapolicy.configs import sampler_config, sampler_kwargs
     from parapolicy.policy import load_policy
-    from parapolicy.configs import resolve_checkpoint
+    from parapolicy.policy.checkpoint import resolve_checkpoint
 
     if cfg.torch_threads:
         torch.set_num_threads(int(cfg.torch_threads))
@@ -185,7 +185,7 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict:
     from parapolicy.bench import load_observations
     from parapolicy.serving.client import RemotePolicy
     from parapolicy.policy import load_policy
-    from parapolicy.configs import resolve_checkpoint
+    from parapolicy.policy.checkpoint import resolve_checkpoint
     from parapolicy.serving.server import PolicyServer, ServerThread
 
     if cfg.server_mode not in ("thread", "subprocess"):

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from parapolicy.configs import resolve_checkpoint, sampler_kwargs
+from parapolicy.configs import sampler_kwargs
+from parapolicy.policy.checkpoint import resolve_checkpoint
 from parapolicy.evaluation.episode_log import EpisodeLog, summarize
 from parapolicy.evaluation.runs import RunSpec, build_runs, check_episodes, plan_runs
 

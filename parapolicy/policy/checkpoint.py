@@ -15,6 +15,7 @@ import datetime
 import json
 import os
 import subprocess
+from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -32,7 +33,18 @@ REQUIRED_POLICY_FIELDS = ("obs_dim", "action_dim", "obs_keys", "horizon", "n_obs
 
 # <repo>/checkpoints: the repository root is the parent of the parapolicy package directory.
 REPO_ROOT = Path(__file__).resolve().parents[2]
-CHECKPOINTS_DIR = REPO_ROOT / "checkpoints"
+IN_CHECKOUT = (REPO_ROOT / "pyproject.toml").is_file()  # a source tree (editable install), not a wheel
+
+
+def _shipped_checkpoints_dir() -> Path:
+    """``checkpoints/`` at the repository's top level, installed as the package ``parapolicy.checkpoints``."""
+    try:
+        return Path(str(resources.files("parapolicy.checkpoints")))
+    except ModuleNotFoundError:  # the source tree on sys.path without an install
+        return REPO_ROOT / "checkpoints"
+
+
+CHECKPOINTS_DIR = _shipped_checkpoints_dir()
 
 
 def git_commit(cwd: Path = REPO_ROOT) -> str | None:
@@ -190,19 +202,34 @@ def _preview(keys: list[str], limit: int = 5) -> str:
 
 
 def resolve_checkpoint(name_or_path: str | Path) -> Path:
-    """A bare name like ``"square"`` -> ``<repo>/checkpoints/square``; anything else is a folder path."""
+    """The checkpoint folder (one holding ``config.json``) that ``name_or_path`` names: a folder as given
+    (relative to the working directory), else relative to the source checkout, else a shipped policy by
+    name: ``"square"`` or ``"checkpoints/square"`` -> the shipped ``checkpoints/square`` (installed with the
+    package as ``parapolicy.checkpoints``, so this works from any directory and from a wheel)."""
     path = Path(name_or_path)
     if path.is_dir():
         return path
+    candidates = [REPO_ROOT / path] if IN_CHECKOUT and not path.is_absolute() else []
+    shipped_name = path.parts[-1] if len(path.parts) == 2 and path.parts[0] == "checkpoints" else None
     if len(path.parts) == 1 and not str(name_or_path).startswith("."):
-        candidate = CHECKPOINTS_DIR / path
-        if candidate.is_dir():
+        shipped_name = str(path)
+    if shipped_name is not None:
+        candidates.append(CHECKPOINTS_DIR / shipped_name)
+    for candidate in candidates:
+        if (candidate / "config.json").is_file():
             return candidate
+    if shipped_name is not None:
         raise FileNotFoundError(
-            f"checkpoint {name_or_path!r}: neither a folder nor a name under {CHECKPOINTS_DIR} "
-            f"(available: {sorted(p.name for p in CHECKPOINTS_DIR.glob('*') if p.is_dir())})"
-        )
-    raise FileNotFoundError(f"checkpoint {path}: folder not found")
+            f"checkpoint {str(name_or_path)!r}: neither a folder nor a name under {CHECKPOINTS_DIR} "
+            f"(available: {shipped_checkpoints()}); train one with `python -m parapolicy.train env=...` "
+            f"or pass checkpoint=<folder>")
+    raise FileNotFoundError(f"checkpoint {path}: folder not found (looked in "
+                            f"{', '.join(str(c) for c in [path, *candidates])})")
+
+
+def shipped_checkpoints() -> list[str]:
+    """The names of the shipped policies (``checkpoints/<name>/config.json``)."""
+    return sorted(p.name for p in CHECKPOINTS_DIR.glob("*") if (p / "config.json").is_file())
 
 
 def load_policy(
