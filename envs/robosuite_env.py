@@ -306,10 +306,9 @@ class RobosuiteEnv(gym.Env):
         the step, would itself change the next step by ~1e-5 m)."""
         if self.control == "delta":
             return np.array([0.0] * 6 + [self._gripper], dtype=np.float32)
-        from robosuite.utils.transform_utils import quat2mat
+        from parapolicy.observation import pose_hold_command  # the hold AsyncPolicy computes from the obs too
 
-        rotation = quat2mat(np.asarray(self._raw_obs["robot0_eef_quat_site"], dtype=np.float64))
-        return np.concatenate([self._raw_obs["robot0_eef_pos"], _axis_angle(rotation), [self._gripper]]).astype(np.float32)
+        return pose_hold_command(self._raw_obs, self._gripper)
 
     def delta_to_absolute(self, delta_action) -> np.ndarray:
         """The absolute command ``[7]`` that moves the arm now as the OSC_POSE delta command ``delta_action``

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from parapolicy.serving.client import RemotePolicy
 from parapolicy.realtime import AsyncPolicy
+from parapolicy.realtime.planner import draw_noise
+from parapolicy.serving.client import RemotePolicy
 from parapolicy.serving.server import PolicyServer, ServerThread
 from policy_synthetic import tiny_policy
 
@@ -19,6 +20,7 @@ H, A, START, S = 16, 3, 1, 8
 
 class Config:
     horizon, action_dim, action_start, n_obs_steps, n_action_steps = H, A, START, 2, S
+    obs_keys, obs_dim = ["state"], 2  # the fake envs' observation: 2 numbers
 
 
 class SlowPlanner:
@@ -27,13 +29,13 @@ class SlowPlanner:
 
     config = Config()
 
+    class sampler:  # the planner's noise draws read these
+        num_inference_steps, is_stochastic = 2, False
+
     def __init__(self, plan_s: float, fail_at: int | None = None):
         self.plan_s, self.fail_at, self.calls, self.threads, self.kwargs = plan_s, fail_at, 0, [], []
 
-    def _flat_obs(self, obs):
-        return np.asarray(obs, dtype=np.float32).reshape(2)
-
-    def predict_action(self, obs_history, generator=None, **kwargs):
+    def predict_action(self, obs_history, **kwargs):
         self.threads.append(threading.current_thread().name)
         self.kwargs.append(kwargs)
         if self.calls == self.fail_at:
@@ -164,8 +166,6 @@ def test_protocol_v2_chunks_prefix_and_v1_still_served(one_thread):
         v1 = remote.infer(obs, reset=True, seed=5)
         assert v1["action"].shape == (cfg.n_action_steps, cfg.action_dim) and "chunks" not in v1
         # the same robot seed and no v2 keys: exactly the in-process plan for that seed
-        from parapolicy.realtime.runner import draw_noise
-
         x_T, noise = draw_noise(policy, [torch.Generator().manual_seed(5)])
         local = policy.predict_action(torch.from_numpy(np.stack([obs, obs]))[None], x_T=x_T, noise=noise)
         np.testing.assert_allclose(v1["action"], local["action"][0].numpy(), atol=1e-5)
@@ -205,18 +205,12 @@ class PlanRecorder:
 
     def __init__(self, policy):
         self.policy, self.config, self.normalizer, self.calls = policy, policy.config, policy.normalizer, []
+        self.sampler, self.warm_start = policy.sampler, policy.warm_start
 
-    def _flat_obs(self, obs):
-        return self.policy._flat_obs(obs)
-
-    def _obs_images(self, obs):
-        return self.policy._obs_images(obs)
-
-    def predict_action(self, obs_history, generator=None, **kwargs):
-        state = generator.get_state().clone()
-        self.calls.append({"obs": obs_history.clone(), "state": state,
+    def predict_action(self, obs_history, **kwargs):
+        self.calls.append({"obs": obs_history.clone(), "x_T": kwargs["x_T"].clone(),
                            "images": {k: v.clone() for k, v in kwargs.get("images", {}).items()}})
-        plan = self.policy.predict_action(obs_history, generator=generator, **kwargs)
+        plan = self.policy.predict_action(obs_history, **kwargs)
         self.calls[-1]["chunk"] = plan["action_pred"].clone()
         return plan
 
@@ -242,7 +236,7 @@ def test_image_policy_plans_from_the_frames_of_its_window(one_thread, transition
             time.sleep(0.01)
     assert len(recorder.calls) >= 3
     cfg = policy.config
-    flats = [policy._flat_obs(o) for o in sent]
+    flats = [policy.flat_observation(o) for o in sent]
     for n, call in enumerate(recorder.calls):
         images = call["images"]
         assert set(images) == set(cfg.image_keys)
@@ -259,15 +253,17 @@ def test_image_policy_plans_from_the_frames_of_its_window(one_thread, transition
             if transition == "naive":  # the low-dim window is of the same steps
                 rows = call["obs"][0].numpy()
                 assert [next(i for i, f in enumerate(flats) if np.array_equal(f, r)) for r in rows] == steps
-    # the first plan, replayed directly: frames and proprio of step 0 (repeated), the seeded generator
-    history = torch.from_numpy(np.stack([policy._flat_obs(sent[0])] * cfg.n_obs_steps))[None]
+    # the first plan, replayed directly: frames and proprio of step 0 (repeated), the seeded generator's
+    # draws in the planner's order (parapolicy.realtime.planner, as the runner's)
+    history = torch.from_numpy(np.stack([policy.flat_observation(sent[0])] * cfg.n_obs_steps))[None]
     frames = {key: torch.from_numpy(np.stack([sent[0][key].transpose(2, 0, 1)] * cfg.n_obs_steps))[None]
               for key in cfg.image_keys}
-    replay = policy.predict_action(history, generator=torch.Generator().manual_seed(4), images=frames)
+    x_T, noise = draw_noise(policy, [torch.Generator().manual_seed(4)])
+    replay = policy.predict_action(history, x_T=x_T, noise=noise, images=frames)
     np.testing.assert_allclose(first, replay["action_pred"][0, cfg.n_obs_steps - 1].numpy(), atol=1e-6)
     # the frames matter: other pixels give another plan
     other = {key: torch.zeros_like(v) for key, v in frames.items()}
-    moved = policy.predict_action(history, generator=torch.Generator().manual_seed(4), images=other)
+    moved = policy.predict_action(history, x_T=x_T, noise=noise, images=other)
     assert not np.allclose(moved["action_pred"].numpy(), replay["action_pred"].numpy(), atol=1e-4)
 
 

@@ -53,6 +53,7 @@ class CountingEnv(gym.Env):
 
 class Config:
     horizon, action_dim, action_start, n_obs_steps, n_action_steps = H, A, START, 2, S
+    obs_keys, obs_dim = ["state"], 2  # the fake envs' observation: 2 numbers
 
 
 class LabelledPolicy:

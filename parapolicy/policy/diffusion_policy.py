@@ -17,13 +17,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from parapolicy.observation import camera_frames, flatten_observation
 from parapolicy.policy.configuration import DiffusionPolicyConfig
 from parapolicy.policy.normalizer import PolicyNormalizer
 from parapolicy.policy.unet import ConditionalUnet1D
 
-
-# A policy's obs key -> the name robosuite's own observation dict gives it.
-OBS_KEY_ALIASES = {"object": "object-state"}
 
 
 def _public_scheduler_config(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -346,49 +344,14 @@ class DiffusionPolicy(nn.Module):
         self._action_queue: deque[np.ndarray] = deque()
         self._previous_sample: torch.Tensor | None = None  # warm start never crosses episodes
 
-    def _flat_obs(self, obs: Mapping[str, Any] | np.ndarray | torch.Tensor) -> np.ndarray:
-        cfg = self.config
-        if isinstance(obs, Mapping):
-            # robomimic / Diffusion Policy call the object vector "object", robosuite "object-state"
-            keys = [k if k in obs else OBS_KEY_ALIASES.get(k, k) for k in cfg.obs_keys]
-            missing = [k for k, key in zip(cfg.obs_keys, keys) if key not in obs]
-            if missing:
-                raise ValueError(f"observation dict lacks keys {missing} (policy needs {cfg.obs_keys})")
-            flat = np.concatenate([np.asarray(obs[k], dtype=np.float32).reshape(-1) for k in keys])
-        elif isinstance(obs, (np.ndarray, torch.Tensor)):
-            flat = obs.detach().cpu().numpy() if isinstance(obs, torch.Tensor) else obs
-            flat = np.asarray(flat, dtype=np.float32)
-            if flat.shape != (cfg.obs_dim,):
-                raise ValueError(f"flat observation must have shape ({cfg.obs_dim},), got {flat.shape}")
-        else:
-            raise ValueError(f"observation must be a dict or an array, got {type(obs).__name__}")
-        if flat.shape != (cfg.obs_dim,):
-            raise ValueError(
-                f"observation keys {cfg.obs_keys} give {flat.shape[0]} values, policy expects obs_dim={cfg.obs_dim}"
-            )
-        if not np.isfinite(flat).all():
-            raise ValueError("observation contains NaN or inf")
-        return flat
+    def flat_observation(self, obs: Mapping[str, Any] | np.ndarray | torch.Tensor) -> np.ndarray:
+        """One observation (obs dict, or flat array / tensor) -> float32 ``[obs_dim]``, checked (ValueError
+        naming the problem); ``parapolicy.observation.flatten_observation`` with this policy's keys."""
+        return flatten_observation(obs, self.config.obs_keys, self.config.obs_dim, sequences=False)
 
-    def _obs_images(self, obs: Any) -> dict[str, np.ndarray]:
-        """Camera frames of a robosuite obs dict as uint8 ``[3, H, W]``: upright ``[H, W, 3]`` (parapolicy's
-        env ``raw_obs``, robomimic's datasets) or channel-first ``[3, H, W]`` (its gym observation)."""
-        cfg = self.config
-        if not isinstance(obs, Mapping):
-            raise ValueError(f"this policy sees cameras {cfg.image_keys}: pass the observation dict, not an array")
-        frames = {}
-        for key in cfg.image_keys:
-            if key not in obs:
-                raise ValueError(f"observation dict lacks camera {key!r} (policy needs {cfg.image_keys}); "
-                                 "make the env with its image task, e.g. make_env('lift_image')")
-            frame = np.asarray(obs[key])
-            if frame.ndim == 3 and frame.shape[-1] == 3 and frame.shape[0] != 3:
-                frame = frame.transpose(2, 0, 1)
-            if list(frame.shape) != cfg.image_shape or frame.dtype != np.uint8:
-                raise ValueError(f"obs[{key!r}] must be uint8 [H, W, 3] or [3, H, W] with [3, H, W] = "
-                                 f"{cfg.image_shape}, got {frame.dtype} {list(np.shape(obs[key]))}")
-            frames[key] = np.ascontiguousarray(frame)
-        return frames
+    def observation_frames(self, obs: Any) -> dict[str, np.ndarray]:
+        """The policy's cameras in an obs dict as uint8 ``{key: [3, H, W]}`` (``parapolicy.observation.camera_frames``)."""
+        return camera_frames(obs, self.config.image_keys, self.config.image_shape)
 
     def act(self, obs: Mapping[str, Any] | np.ndarray | torch.Tensor) -> np.ndarray:
         """One control step: record ``obs`` and return the next action ``[action_dim]`` (float32; an
@@ -401,8 +364,8 @@ class DiffusionPolicy(nn.Module):
         policy takes robosuite's obs dict with its cameras' frames, uint8 ``[H, W, 3]`` or ``[3, H, W]``.
         """
         start = time.perf_counter()
-        flat = self._flat_obs(obs)
-        frames = self._obs_images(obs) if self.config.image_keys else {}
+        flat = self.flat_observation(obs)
+        frames = self.observation_frames(obs) if self.config.image_keys else {}
         if not self._obs_history:
             self._obs_history.extend([flat] * self.config.n_obs_steps)
             self._image_history.extend([frames] * self.config.n_obs_steps)

@@ -1,22 +1,25 @@
 """``AsyncPolicy``: a control loop that never waits for the policy.
 
-    from parapolicy import load_policy
-    from parapolicy.realtime import AsyncPolicy
+    import parapolicy
 
-    with AsyncPolicy(load_policy("square", sampler="ddim", num_inference_steps=10), control_hz=20) as policy:
+    with parapolicy.AsyncPolicy(parapolicy.load_policy("square", sampler="ddim", num_inference_steps=10),
+                                control_hz=20) as policy:
         policy.reset()
         for _ in range(400):                       # a 20 Hz loop: act() returns at once
             action = policy.act(env.raw_obs)
             obs, reward, terminated, truncated, info = env.step(action)
 
-A background thread plans the next chunk while the robot executes the current one. A plan starts when
-``execution_horizon`` actions of the current chunk have been consumed since the last request (and none
-is in flight); its delay ``d`` is the number of actions the robot consumed while it ran, so it is exact
-whatever the clock. The new chunk takes over at its position ``start + d`` by the ``transition``
+A background thread plans the next chunk while the robot executes the current one; which action runs
+when is the ``ChunkSchedule`` the simulator's runner uses (``parapolicy.realtime.schedule``), and a plan
+is the runner's batched call (``parapolicy.realtime.planner``, the same noise for the same seed). A plan
+starts when ``execution_horizon`` actions have run since the last one started (and none is in flight);
+its delay ``d`` is the number of actions the robot executed while it ran, so it is exact whatever the
+clock. The new chunk takes over at its position ``start + d`` by the ``transition``
 (``parapolicy.realtime.transitions``); if the current chunk runs out first, ``act()`` returns the hold
-command (zero arm delta, gripper kept) and counts a stall. The first plan of an episode blocks.
-Errors raised by the planner surface at the next ``act()``. ``close()`` (or leaving the ``with`` block)
-stops the thread.
+command and counts a stall: zero arm delta, or for absolute-pose policies the arm's current pose
+(from the obs dict's ``robot0_eef_pos`` / ``robot0_eef_quat_site``, or ``act(obs, hold=<command>)``), the
+gripper as last commanded. The first plan of an episode blocks. Errors raised by the planner surface at
+the next ``act()``. ``close()`` (or leaving the ``with`` block) stops the thread.
 
 ``policy`` is a local ``DiffusionPolicy`` or a ``RemotePolicy`` (``parapolicy.serving.client``, protocol v2).
 Image policies take robosuite's obs dict with the camera frames; a plan sees the frames of the last
@@ -29,11 +32,14 @@ import math
 import threading
 import time
 from collections import deque
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from parapolicy.realtime.transitions import Transition, forecast_history, pick_candidate, prefix_for
+from parapolicy.observation import camera_frames, dict_keys, flatten_observation, pose_hold_command, split_flat
+from parapolicy.realtime.planner import BatchPlanner
+from parapolicy.realtime.schedule import ChunkSchedule
+from parapolicy.realtime.transitions import Transition, forecast_history
 
 DEFAULT_TRANSITION = "forecast"  # the best measured (benchmarks/RESULTS.md, "Real time")
 
@@ -43,24 +49,29 @@ class AsyncPolicy:
 
     Args:
       policy: a ``DiffusionPolicy`` (planned in-process, on the background thread) or a ``RemotePolicy``.
-      control_hz: the loop's rate; the delay estimate for a plan's prefix is
-        ``ceil(max recent latency * control_hz)`` (the actual delay is counted in actions).
+      control_hz: the loop's rate; the delay estimate for a plan's prefix is the slowest of the last
+        ``LATENCY_WINDOW`` plans, in control steps (the actual delay is counted in actions).
       transition: how a new chunk takes over (default: ``DEFAULT_TRANSITION``, the best measured).
       execution_horizon: actions consumed between plan starts (default: the policy's n_action_steps).
       seed: seeds the noise of the first episode (``reset(seed=)`` for later ones).
+      clock: seconds, to time plans (``time.perf_counter``; tests script it).
 
     ``last_info``: ``replanned`` (a new chunk took over at this call), ``delay_steps`` of that chunk,
-    ``stall`` (this call returned a hold for want of actions), ``plan_ms`` of the last plan,
-    ``latency_s`` (the time ``act()`` took). ``stats``: plans, stalls, the delays.
+    ``requested`` (a plan started at this call), ``stall`` (this call returned a hold for want of
+    actions), ``plan_ms`` of the last plan, ``latency_s`` (the time ``act()`` took). ``stats``: plans,
+    stalls, the delays.
     """
 
     def __init__(self, policy, control_hz: float = 20.0, transition: Any = DEFAULT_TRANSITION,
-                 execution_horizon: int | None = None, seed: int | None = None):
+                 execution_horizon: int | None = None, seed: int | None = None,
+                 clock: Callable[[], float] = time.perf_counter):
         if not control_hz > 0 or not math.isfinite(control_hz):
             raise ValueError(f"control_hz must be a positive number, got {control_hz!r}")
         self.policy = policy
         self.control_hz = float(control_hz)
+        self.control_period_s = 1.0 / self.control_hz
         self.transition = Transition.parse(transition)
+        self.clock = clock
         self._remote = not hasattr(policy, "predict_action")
         normalizer = getattr(getattr(policy, "normalizer", None), "obs", None)  # forecasts stay in its range
         self._obs_bounds = (None, None) if normalizer is None else (normalizer.min.cpu().numpy(),
@@ -72,6 +83,9 @@ class AsyncPolicy:
         self.action_dim = int(meta["action_dim"]) if self._remote else cfg.action_dim
         self.action_space = meta.get("action_space", "delta") if self._remote else getattr(cfg, "action_space", "delta")
         self.image_keys = list((meta.get("image_keys") if self._remote else getattr(cfg, "image_keys", None)) or [])
+        self.obs_keys = list(meta["obs_keys"]) if self._remote else list(cfg.obs_keys)
+        self.obs_dim = int(meta["obs_dim"]) if self._remote else int(cfg.obs_dim)
+        self.image_shape = (meta.get("image_shape") if self._remote else getattr(cfg, "image_shape", None))
         self.start = self.n_obs_steps - 1
         n_action_steps = int(meta["n_action_steps"]) if self._remote else cfg.n_action_steps
         horizon = n_action_steps if execution_horizon is None else execution_horizon
@@ -79,22 +93,23 @@ class AsyncPolicy:
             raise ValueError(f"execution_horizon must be an integer in [1, {self.horizon - self.start}], "
                              f"got {execution_horizon!r}")
         self.execution_horizon = horizon
+        self.schedule = ChunkSchedule(self.horizon, self.start, horizon, self.transition, "async")
+        self._planner = None if self._remote else BatchPlanner(policy, clock)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._closed = False
         self._job: dict | None = None  # a plan to run (set by act, taken by the thread)
         self._result: dict | None = None  # a finished plan (set by the thread, taken by act)
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._planner, name="AsyncPolicy-planner", daemon=True)
+        self._thread = threading.Thread(target=self._planner_loop, name="AsyncPolicy-planner", daemon=True)
         self._thread.start()
         self.reset(seed)
 
     # ------------------------------------------------------------------ episode state
     def reset(self, seed: int | None = None) -> None:
         """Start a new episode (forget history and chunks); waits for a plan in flight to finish."""
+        self.wait_for_plan()
         with self._wake:
-            while self._job is not None and not self._closed:
-                self._wake.wait(timeout=0.1)
             self._result = None
         import torch
 
@@ -105,21 +120,32 @@ class AsyncPolicy:
             self.policy.reset(seed=seed)
         self._history: deque[np.ndarray] = deque(maxlen=self.n_obs_steps)
         self._frames: deque[dict[str, np.ndarray]] = deque(maxlen=self.n_obs_steps)  # image policies: uint8 [3, H, W]
-        self._executed: list[np.ndarray] = []
-        self._chunk: np.ndarray | None = None  # [H, A], raw units
-        self._chunk_step = 0  # the step its request was made at (its position `start` is that step)
+        self.schedule.reset()
+        self._previous_sample = None  # warm starts never cross episodes
         self._step = 0
-        self._last_request: int | None = None
-        self._in_flight = False
-        self._recent_ms: deque[float] = deque(maxlen=5)
-        self._gripper = -1.0
+        self._gripper = -1.0  # robosuite's gripper starts open
         self.last_info: dict[str, Any] = {}
         self.stats = {"plans": 0, "stalls": 0, "delay_steps": []}
 
+    def wait_for_plan(self, timeout_s: float | None = None) -> bool:
+        """Block until no plan is being computed (its chunk is then taken at the next ``act()``); False if
+        ``timeout_s`` passed first."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with self._wake:
+            while self._job is not None and not self._closed:
+                left = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
+                if left <= 0:
+                    return False
+                self._wake.wait(timeout=left)
+        return True
+
     # ------------------------------------------------------------------ control loop
-    def act(self, obs: Any) -> np.ndarray:
-        """One control step: record ``obs``, return the next action ``[action_dim]`` without waiting
-        (except for the first plan of an episode)."""
+    def act(self, obs: Any, hold: np.ndarray | None = None) -> np.ndarray:
+        """One control step: record ``obs``, return the next action without waiting (except for the first
+        plan of an episode): ``[action_dim]``, or an absolute-pose policy's env command ``[7]``.
+
+        ``hold``: the env command that keeps the arm still now (absolute-pose policies whose ``obs`` is not
+        robosuite's obs dict; delta policies hold with a zero delta)."""
         begin = time.perf_counter()
         self._raise_planner_error()
         flat, frames = self._observe(obs)
@@ -129,26 +155,32 @@ class AsyncPolicy:
         else:
             self._history.append(flat)
             self._frames.append(frames)
-        info: dict[str, Any] = {"replanned": False, "stall": False}
-        if self._chunk is None:  # the episode's first plan blocks: the robot has nothing to do yet
-            result = self._plan(self._job_for(self._step, 0))
-            self._take(result, info)
+        hold_action = self._hold_action(obs, hold)
+        info: dict[str, Any] = {"replanned": False, "stall": False, "requested": False}
+        schedule, t = self.schedule, self._step
+        if schedule.first:  # the episode's first plan blocks: the robot has nothing to do yet
+            job = self._job_for(t, 0, hold_action)
+            schedule.requested(t)
+            self._arrive(self._plan(job), t)
         else:
-            with self._lock:  # a forecast chunk that lands early waits for the step it was planned for
-                result = self._result
-                if result is not None and self._step < result["step"]:
-                    result = None
-                else:
-                    self._result = None
+            with self._lock:
+                result, self._result = self._result, None
             if result is not None:
-                self._take(result, info)
-        if not self._in_flight and self._step - self._last_request >= self.execution_horizon:
-            self._submit(self._job_for(self._step, self._delay_estimate()))
-        action, kind = self._action_at(self._step)
+                self._arrive(result, t)
+        if schedule.landing_due(t):
+            self._land(t, hold_action, info)
+        if schedule.due(t):
+            d = schedule.delay_estimate(self.control_period_s)
+            job = self._job_for(t, d, hold_action)
+            schedule.requested(t, lead=job["lead"])
+            info["requested"] = True
+            self._submit(job)
+        action, kind = schedule.action_at(t, hold_action)
+        action = np.asarray(action, dtype=np.float32)
         if kind == "stall":
             info["stall"] = True
             self.stats["stalls"] += 1
-        self._executed.append(action)
+        schedule.record(action)
         self._gripper = float(action[-1])
         self._step += 1
         info["latency_s"] = time.perf_counter() - begin
@@ -159,64 +191,55 @@ class AsyncPolicy:
             action = to_env_action(action, self.action_space)
         return action
 
-    def _take(self, result: dict, info: dict) -> None:
-        """A finished plan takes over now: its delay is the actions consumed since the step it was planned
+    def _hold_action(self, obs: Any, hold: np.ndarray | None) -> np.ndarray:
+        """The stay-in-place action in the policy's terms, the gripper as last commanded."""
+        if self.action_space == "delta":
+            action = np.zeros(self.action_dim, dtype=np.float32)
+        else:
+            from parapolicy.policy.action_space import from_env_action
+
+            command = pose_hold_command(obs, self._gripper) if hold is None else np.asarray(hold, np.float32)
+            action = np.asarray(from_env_action(command, self.action_space), dtype=np.float32)
+        action[-1] = self._gripper
+        return action
+
+    def _arrive(self, result: dict, t: int) -> None:
+        self.schedule.arrived(result["chunk"], t)
+        self._previous_sample = result.get("sample")
+        self._last_plan_ms = result["plan_ms"]
+
+    def _land(self, t: int, hold_action: np.ndarray, info: dict) -> None:
+        """The pending chunk takes over now: its delay is the actions executed since the step it was planned
         for (the request's step, or the forecast's), so it never runs actions meant for the past."""
-        delay = max(0, self._step - result["step"])
-        self._chunk, self._chunk_step = result["chunk"], result["step"]
-        self._in_flight = False
-        if self.stats["plans"] > 0:  # the first plan blocks (no delay) and is often a cold start: not an estimate
+        first = self.stats["plans"] == 0
+        delay, _ = self.schedule.land(t, hold_action)
+        if not first:  # the first plan blocks (no delay) and is often a cold start: not an estimate
             self.stats["delay_steps"].append(delay)
-            self._recent_ms.append(result["plan_ms"])
+            self.schedule.note_latency(self._last_plan_ms)
         self.stats["plans"] += 1
-        info.update(replanned=True, delay_steps=delay, plan_ms=result["plan_ms"])
+        info.update(replanned=True, delay_steps=delay, plan_ms=self._last_plan_ms)
 
-    def _action_at(self, step: int) -> tuple[np.ndarray, str]:
-        j = step - self._chunk_step + self.start
-        if j >= self.horizon:
-            # deltas: zero; absolute poses: the last commanded pose again (the arm settles there and stays)
-            hold = np.zeros(self.action_dim, dtype=np.float32) if self.action_space == "delta" else self._executed[-1].copy()
-            hold[-1] = self._gripper
-            return hold, "stall"
-        return np.asarray(self._chunk[j], dtype=np.float32), "chunk"
-
-    def _delay_estimate(self) -> int:
-        if not self._recent_ms:
-            return 0
-        return int(math.ceil(max(self._recent_ms) / 1e3 * self.control_hz - 1e-9))
-
-    def _job_for(self, step: int, delay: int) -> dict:
+    def _job_for(self, t: int, d: int, hold_action: np.ndarray) -> dict:
         """What the planner needs: the history, and the actions the new chunk must agree with."""
-        known = None
-        if self._chunk is not None and (self.transition.prefix != "none" or self.transition.candidates > 1):
-            rows = []
-            for j in range(self.horizon):
-                when = step - self.start + j
-                if when < step:
-                    rows.append(self._executed[when] if 0 <= when < len(self._executed) else self._executed[0])
-                else:
-                    action, kind = self._action_at(when)
-                    if kind == "stall" and when >= step + delay:
-                        break
-                    rows.append(action)
-            known = np.asarray(rows, dtype=np.float32)
-        self._last_request = step
-        # forecast: plan for the moment the chunk is expected to take over (its position `start` is then)
-        lead = delay if self.transition.forecast and self._chunk is not None else 0
+        schedule = self.schedule
+        known = schedule.known(t, d, hold_action) if schedule.needs_known() else None
+        prefix, weights = schedule.prefix(known, d) if known is not None else (None, None)
+        lead = schedule.lead(d)  # forecast: planned for the moment the chunk is expected to take over
         history = forecast_history(np.stack(self._history), lead, *self._obs_bounds)
+        warm_shift = None if schedule.last_request is None else t - schedule.last_request
         # a server keeps the last n_obs_steps observations it was sent: sending the whole window makes its
         # history exactly this one (forecast or not)
-        return {"step": step + lead, "history": history, "frames": list(self._frames), "known": known,
-                "committed": self.start + delay, "first": self._chunk is None}
+        return {"history": history, "frames": list(self._frames), "known": known, "d": d, "lead": lead,
+                "prefix": prefix, "weights": weights, "candidates": schedule.candidates(),
+                "warm_from": self._previous_sample, "warm_shift": warm_shift}
 
     # ------------------------------------------------------------------ planning
     def _submit(self, job: dict) -> None:
         with self._wake:
             self._job = job
-            self._in_flight = True
             self._wake.notify_all()
 
-    def _planner(self) -> None:
+    def _planner_loop(self) -> None:
         while True:
             with self._wake:
                 while self._job is None and not self._closed:
@@ -238,65 +261,54 @@ class AsyncPolicy:
 
     def _plan(self, job: dict) -> dict:
         """Plan one chunk ``[H, A]`` (raw units) from ``job``; runs on the planner thread (or inline first)."""
-        begin = time.perf_counter()
-        m = 1 if job["first"] else self.transition.candidates
-        prefix = weights = None
-        if not job["first"] and job["known"] is not None:
-            prefix, weights = prefix_for(self.transition, job["known"], job["committed"], self.horizon,
-                                         self.execution_horizon)
+        m = job["candidates"]
+        sample = None
         if self._remote:
+            begin = self.clock()
             observations = self._remote_observations(job) if self.image_keys else job["history"]
-            chunks = self.policy.plan_chunk(observations, prefix=prefix, prefix_weights=weights, candidates=m,
-                                            delay_steps=job["committed"] - self.start)
+            chunks = self.policy.plan_chunk(observations, prefix=job["prefix"], prefix_weights=job["weights"],
+                                            candidates=m, delay_steps=job["d"])
+            plan_ms = (self.clock() - begin) * 1e3
         else:
             import torch
 
-            history = torch.from_numpy(job["history"])[None].repeat(m, 1, 1)
-            kwargs = {}
-            if prefix is not None:
-                kwargs = {"prefix": torch.from_numpy(prefix)[None].repeat(m, 1, 1),
-                          "prefix_weights": torch.from_numpy(weights)[None].repeat(m, 1)}
-            if self.image_keys:  # {key: [m, n_obs_steps, 3, H, W]}
-                kwargs["images"] = {key: torch.from_numpy(np.stack([f[key] for f in job["frames"]]))[None]
-                                    .expand(m, -1, -1, -1, -1) for key in self.image_keys}
-            plan = self.policy.predict_action(history, generator=self._generator, **kwargs)
-            chunks = plan["action_pred"].float().cpu().numpy()
-        pick = pick_candidate(chunks, job["known"], job["committed"]) if m > 1 and job["known"] is not None else 0
-        return {"chunk": chunks[pick], "step": job["step"], "plan_ms": (time.perf_counter() - begin) * 1e3}
+            images = None
+            if self.image_keys:  # {key: [1, n_obs_steps, 3, H, W]}
+                images = {key: np.stack([f[key] for f in job["frames"]])[None] for key in self.image_keys}
+            warm = getattr(self.policy, "warm_start", False) and job["warm_from"] is not None and job["warm_shift"] < self.horizon
+            plan = self._planner.plan(
+                torch.from_numpy(job["history"])[None], [self._generator], m, images=images,
+                prefix=None if job["prefix"] is None else job["prefix"][None],
+                prefix_weights=None if job["weights"] is None else job["weights"][None],
+                warm_from=job["warm_from"] if warm else None, warm_shift=job["warm_shift"] if warm else None)
+            chunks, plan_ms = plan.chunks[0], plan.latency_ms
+        pick = self.schedule.pick(chunks, job["known"], job["d"])
+        if not self._remote and plan.samples is not None:
+            sample = plan.samples[0, pick : pick + 1]
+        return {"chunk": chunks[pick], "sample": sample, "plan_ms": plan_ms}
 
     def _raise_planner_error(self) -> None:
         with self._lock:
             error, self._error = self._error, None
         if error is not None:
-            self._in_flight = False
+            self.schedule.pending = None  # the failed plan never lands
             raise RuntimeError(f"the planner failed: {type(error).__name__}: {error}") from error
 
     def _remote_observations(self, job: dict) -> list[dict[str, np.ndarray]]:
         """The window a server plans from, one obs dict per step: the (forecast) low-dim row split back
         into the policy's keys, and that step's frames."""
-        keys, sizes = list(self.policy.metadata["obs_keys"]), self._key_sizes
-        observations = []
-        for row, frames in zip(job["history"], job["frames"]):
-            obs, offset = dict(frames), 0
-            for key, size in zip(keys, sizes):
-                obs[key], offset = row[offset:offset + size], offset + size
-            observations.append(obs)
-        return observations
+        return [{**frames, **split_flat(row, self.obs_keys, self._key_sizes)}
+                for row, frames in zip(job["history"], job["frames"])]
 
     def _observe(self, obs: Any) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
         """``obs`` checked as the policy checks it: the flat low-dim vector ``[obs_dim]`` and, for image
         policies, the camera frames ``{key: uint8 [3, H, W]}`` (else None)."""
-        if not self._remote:
-            return self.policy._flat_obs(obs), (self.policy._obs_images(obs) if self.image_keys else None)
-        meta = self.policy.metadata
+        flat = flatten_observation(obs, self.obs_keys, self.obs_dim, sequences=self._remote)
         if not self.image_keys:
-            from parapolicy.serving.protocol import flatten_observation
-
-            return flatten_observation(obs, meta["obs_keys"], int(meta["obs_dim"])), None
-        kept = self.policy.observation(obs)  # low-dim keys as float32 arrays, then the frames
-        self._key_sizes = [int(np.size(kept[key])) for key in meta["obs_keys"]]
-        flat = np.concatenate([np.asarray(kept[key], np.float32).reshape(-1) for key in meta["obs_keys"]])
-        return flat, {key: kept[key] for key in self.image_keys}
+            return flat, None
+        if self._remote:
+            self._key_sizes = [int(np.size(obs[key])) for key in dict_keys(obs, self.obs_keys)]
+        return flat, camera_frames(obs, self.image_keys, self.image_shape)
 
     # ------------------------------------------------------------------ lifetime
     def close(self, timeout_s: float = 10.0) -> None:

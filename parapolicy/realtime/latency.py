@@ -24,6 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
+# mixed into a profile's replay seed beside the episode seed, so the replayed latencies are independent of the
+# episode's noise (which the same seed drives)
+PROFILE_SEED_SALT = 0x1A7E
+
 
 def delay_steps(latency_ms: float, control_period_s: float) -> int:
     """d = ceil(latency / control period): control steps that pass while a call runs (0 for no latency)."""
@@ -104,7 +108,7 @@ class LatencyModel:
 
     def generator(self, seed: int) -> np.random.Generator:
         """The per-episode replay generator (profile only), independent of the episode's noise."""
-        return np.random.default_rng([int(seed), 0x1A7E])
+        return np.random.default_rng([int(seed), PROFILE_SEED_SALT])
 
     def planned_ms(self, rng: np.random.Generator | None) -> float | None:
         """The latency the next call will have, known before it runs (fixed, profile); None if measured."""

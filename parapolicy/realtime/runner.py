@@ -21,9 +21,11 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from parapolicy.devices import synchronize as _sync
+from parapolicy.observation import window_arrays
 from parapolicy.policy.action_space import from_env_action, to_env_action
-from parapolicy.policy.diffusion_policy import OBS_KEY_ALIASES
+from parapolicy.realtime.planner import BatchPlanner
+from parapolicy.realtime.schedule import ChunkSchedule
+from parapolicy.realtime.transitions import forecast_history
 
 
 def make_vector_env(task: str, n_envs: int, max_episode_steps: int | None = None, **env_kwargs) -> gym.vector.VectorEnv:
@@ -55,55 +57,10 @@ def policy_inputs(cfg, histories, lead: int = 0, bounds=None) -> tuple[torch.Ten
     ``lead`` > 0 (transition ``forecast``): the low-dim window extrapolated that many steps, within
     ``bounds`` (low, high) if given; camera frames are the latest ones (pixels are not extrapolated).
     """
-    from parapolicy.realtime.transitions import forecast_history
-
     image_keys = list(getattr(cfg, "image_keys", None) or [])
-    flat, images = [], {key: [] for key in image_keys}
-    for window in histories:
-        steps = list(window)
-        if isinstance(steps[0], dict):
-            keys = [k if k in steps[0] else OBS_KEY_ALIASES.get(k, k) for k in cfg.obs_keys]
-            rows = [np.concatenate([np.asarray(o[k], np.float32).reshape(-1) for k in keys]) if keys
-                    else np.zeros(0, np.float32) for o in steps]
-            for key in image_keys:
-                images[key].append(np.stack([o[key] for o in steps]))
-        else:
-            rows = steps
-        flat.append(forecast_history(np.stack(rows).astype(np.float32), lead, *(bounds or (None, None))))
-    return (torch.from_numpy(np.stack(flat)),
-            {key: torch.from_numpy(np.stack(frames)) for key, frames in images.items()})
-
-
-def draw_noise(policy, generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-episode ``x_T [b, H, A]`` and per-step noise ``[N, b, H, A]`` (None if deterministic), one row
-    per generator: ``x_T`` then the step noise from each. The policy server draws with this too, so a
-    robot served with seed s sees the noise of the in-process eval's episode with seed s."""
-    cfg, sampler = policy.config, policy.sampler
-    x_T, noise = [], []
-    for gen in generators:
-        x_T.append(torch.randn((1, cfg.horizon, cfg.action_dim), generator=gen))
-        if sampler.is_stochastic:
-            noise.append(torch.randn((sampler.num_inference_steps, 1, cfg.horizon, cfg.action_dim), generator=gen))
-    return torch.cat(x_T), (torch.cat(noise, dim=1) if noise else None)
-
-
-def draw_candidates(policy, generators: list[torch.Generator], m: int = 1):
-    """``draw_noise`` for ``m`` candidate chunks per generator (bidirectional decoding): ``x_T``
-    ``[B * m, H, A]`` and noise ``[N, B * m, H, A]``, rows grouped per generator. Candidate 0 is that
-    generator's usual draw, the other m - 1 are drawn after it, so m = 1 is exactly ``draw_noise``."""
-    x_T, noise = draw_noise(policy, generators)
-    if m == 1:
-        return x_T, noise
-    extra = [draw_noise(policy, [gen] * (m - 1)) for gen in generators]
-    x_T = torch.cat([torch.cat([x_T[r : r + 1], e[0]]) for r, e in enumerate(extra)])
-    if noise is not None:
-        noise = torch.cat([torch.cat([noise[:, r : r + 1], e[1]], dim=1) for r, e in enumerate(extra)], dim=1)
-    return x_T, noise
-
-
-def draw_prefix_noise(generators: list[torch.Generator], m: int, length: int, action_dim: int) -> torch.Tensor:
-    """``[B * m, length, action_dim]`` unit noise for a prefix constraint, drawn after the chunk noise."""
-    return torch.cat([torch.randn((m, length, action_dim), generator=gen) for gen in generators])
+    flat, images = window_arrays([list(w) for w in histories], cfg.obs_keys, cfg.obs_dim, image_keys)
+    flat = np.stack([forecast_history(rows, lead, *(bounds or (None, None))) for rows in flat])
+    return torch.from_numpy(flat), {key: torch.from_numpy(frames) for key, frames in images.items()}
 
 
 class PolicyRunner:
@@ -125,13 +82,15 @@ class PolicyRunner:
     """
 
     def __init__(self, envs: gym.vector.VectorEnv, policy, shadow=None, timing: str = "sync", latency="measured",
-                 transition="naive", execution_horizon: int | None = None, label: str | None = None):
+                 transition="naive", execution_horizon: int | None = None, label: str | None = None,
+                 clock: Callable[[], float] = time.perf_counter):
         from parapolicy.realtime.latency import LatencyModel
         from parapolicy.realtime.transitions import Transition
 
         self.envs = envs
         self.policy = policy
         self.shadow = shadow
+        self.planner = BatchPlanner(policy, clock)  # clock: a call's measured latency (tests script it)
         self.n_envs = envs.num_envs
         if timing not in ("sync", "async", "hold"):
             raise ValueError(f"timing must be 'sync', 'async' or 'hold', got {timing!r}")
@@ -154,14 +113,6 @@ class PolicyRunner:
         if timing != "sync" and not self.control_period_s:
             raise ValueError("timing=async/hold needs the env's control_period_s")
 
-    def _timed_plan(self, policy, history, x_T, noise, warm_from=None, warm_shift=None, **prefix):
-        device = policy.device
-        _sync(device)
-        start = time.perf_counter()
-        plan = policy.predict_action(history, x_T=x_T, noise=noise, warm_from=warm_from, warm_shift=warm_shift, **prefix)
-        _sync(device)
-        return plan, (time.perf_counter() - start) * 1e3
-
     def run_batch(self, seeds: list[int], on_episode: Callable[[int, dict], None] | None = None,
                   on_step: Callable[[list[int], list[dict]], None] | None = None) -> list[dict]:
         """Run one episode per env with ``seeds`` (``len(seeds) <= n_envs``). Returns per-episode
@@ -171,9 +122,11 @@ class PolicyRunner:
 
         ``on_step(rows, records)``: called after the reset and after every env step with the env rows
         that took it and the records so far (e.g. to render a frame); never inside a timed policy call.
+
+        Each env has its own ``ChunkSchedule``; they request together (one batched call for the envs
+        still running, sharing its latency), so they stay in step.
         """
         from parapolicy.realtime.latency import delay_steps
-        from parapolicy.realtime.transitions import pick_candidate, prefix_for
 
         n = len(seeds)
         normalizer = getattr(getattr(self.policy, "normalizer", None), "obs", None)  # forecasts stay in its range
@@ -181,8 +134,10 @@ class PolicyRunner:
         if not 1 <= n <= self.n_envs:
             raise ValueError(f"need 1..{self.n_envs} seeds, got {n}")
         cfg = self.policy.config
-        H, A, start = cfg.horizon, cfg.action_dim, cfg.action_start
-        transition, realtime = self.transition, self.timing != "sync"
+        A = cfg.action_dim
+        realtime = self.timing != "sync"
+        schedules = [ChunkSchedule(cfg.horizon, cfg.action_start, self.execution_horizon, self.transition, self.timing)
+                     for _ in range(n)]
         padded = list(seeds) + [seeds[-1]] * (self.n_envs - n)  # idle envs replay a seed, results unused
         obs, reset_info = self.envs.reset(seed=padded)
         # absolute-pose policies (action_space absolute_rot6d): the env takes poses, holds are the current pose
@@ -197,11 +152,7 @@ class PolicyRunner:
             for rec in records:
                 rec.update(stall_steps=0, hold_steps=0, max_switch_jump=0.0)
         previous: list[torch.Tensor | None] = [None] * n  # last clean sample per env, for warm starts
-        chunks: list[np.ndarray | None] = [None] * n  # the chunk each env executes, raw [H, A]
-        executed = [[] for _ in range(n)]  # actions sent to each env so far
         last_gripper = np.full(n, -1.0, dtype=np.float32)  # robosuite's gripper starts open
-        state = {"chunk_r": 0, "old_r": None, "old": [None] * n, "hold_until": 0, "pending": None,
-                 "next_request": 0, "last_request": None, "recent_ms": deque(maxlen=5)}
         active = np.zeros(self.n_envs, dtype=bool)
         active[:n] = True
         started = time.perf_counter()
@@ -232,102 +183,57 @@ class PolicyRunner:
             action[-1] = last_gripper[i]
             return action
 
-        def action_at(i: int, t: int) -> tuple[np.ndarray, str]:
-            """(action, kind) for env i at step t: kind is "chunk", "hold" or "stall"."""
-            if t < state["hold_until"]:
-                return hold_action(i), "hold"
-            j = t - state["chunk_r"] + start
-            if j >= H:
-                return hold_action(i), "stall"
-            action = chunks[i][j]
-            old = state["old"][i]
-            if transition.blend > 0 and old is not None:
-                k = t - state["old_r"] + start
-                if k < H:
-                    action = transition.blend * old[k] + (1 - transition.blend) * action
-            return action, "chunk"
-
-        def known_actions(i: int, t: int, d: int) -> np.ndarray:
-            """``[K, A]``: what env i did or will do at the new chunk's positions 0..K-1 (request at t):
-            executed actions before t, then the current chunk (or holds) during the d planning steps,
-            then the current chunk while it lasts."""
-            known = []
-            for j in range(H):
-                when = t - start + j
-                if when < t:
-                    known.append(executed[i][when] if when >= 0 else executed[i][0] if executed[i] else hold_action(i))
-                elif when < t + d:
-                    known.append(action_at(i, when)[0])
-                else:
-                    k = when - state["chunk_r"] + start
-                    if k >= H:
-                        break
-                    known.append(chunks[i][k])
-            return np.asarray(known, dtype=np.float32)
-
         def request(t: int) -> bool:
             """Plan for the active envs from their history at step t; False if the call failed."""
             idx = np.flatnonzero(active)
-            first = chunks[idx[0]] is None
-            m = transition.candidates if not first else 1  # bidirectional decoding: m chunks per env, one call
-            x_T, noise = draw_candidates(self.policy, [generators[i] for i in idx], m)
+            lead_schedule = schedules[idx[0]]  # the envs' schedules move together
+            first = lead_schedule.first
+            m = lead_schedule.candidates()  # bidirectional decoding: m chunks per env, one call
             planned_ms = None if first else self.latency.planned_ms(latency_rng)
             if first:
                 d_plan = 0
             elif planned_ms is not None:
                 d_plan = delay_steps(planned_ms, self.control_period_s)
             else:  # measured: the prefix assumes the slowest of the last calls (known only afterwards)
-                d_plan = delay_steps(max(state["recent_ms"]), self.control_period_s) if state["recent_ms"] else 0
-            needs_known = realtime and not first and (transition.prefix != "none" or m > 1)
-            known = {i: known_actions(i, t, d_plan) for i in idx} if needs_known else {}
-            lead = d_plan if transition.forecast and self.timing == "async" else 0  # planned for t + lead
+                d_plan = lead_schedule.delay_estimate(self.control_period_s)
+            known = {i: schedules[i].known(t, d_plan, hold_action(i)) for i in idx} if lead_schedule.needs_known() else {}
+            lead = lead_schedule.lead(d_plan)  # planned for t + lead
             obs_history, images = policy_inputs(cfg, [history[i] for i in idx], lead, obs_bounds)
-            if m > 1:
-                obs_history = obs_history.repeat_interleave(m, dim=0)
-                images = {k: v.repeat_interleave(m, dim=0) for k, v in images.items()}
-            prefix_args = {"images": images} if images else {}  # everything predict_action takes beyond x_T, noise
-            if transition.prefix != "none" and not first and self.timing == "async":
-                pieces = [prefix_for(transition, known[i], start + d_plan, H, self.execution_horizon) for i in idx]
-                if pieces[0][0] is not None:
-                    length = min(len(p[0]) for p in pieces)
-                    prefix = torch.from_numpy(np.stack([p[0][:length] for p in pieces]))
-                    weights = torch.from_numpy(np.stack([p[1][:length] for p in pieces]))
-                    eta = draw_prefix_noise([generators[i] for i in idx], m, length, A)
-                    prefix_args.update(prefix=prefix.repeat_interleave(m, dim=0),
-                                       prefix_weights=weights.repeat_interleave(m, dim=0), prefix_noise=eta)
+            prefix = weights = None
+            pieces = [schedules[i].prefix(known[i], d_plan) for i in idx] if known else []
+            if pieces and pieces[0][0] is not None:
+                length = min(len(piece[0]) for piece in pieces)
+                prefix = np.stack([piece[0][:length] for piece in pieces])
+                weights = np.stack([piece[1][:length] for piece in pieces])
             warm_from, warm_shift = None, None
             if self.policy.warm_start and all(previous[i] is not None for i in idx):
-                warm_shift = t - state["last_request"]
-                if warm_shift < H:
-                    warm_from = torch.cat([previous[i] for i in idx]).repeat_interleave(m, dim=0)
+                warm_shift = t - lead_schedule.last_request
+                if warm_shift < cfg.horizon:
+                    warm_from = torch.cat([previous[i] for i in idx])
                 else:
                     warm_shift = None
             try:
-                plan, latency_ms = self._timed_plan(self.policy, obs_history, x_T, noise, warm_from, warm_shift,
-                                                    **prefix_args)
-                call = {"latency_ms": latency_ms, "batch": int(len(idx)), "rounds": int(plan["rounds"]),
-                        "model_evals": int(plan["model_evals"]), "converged": bool(plan["converged"])}
+                plan = self.planner.plan(obs_history, [generators[i] for i in idx], m, images=images, prefix=prefix,
+                                         prefix_weights=weights, warm_from=warm_from, warm_shift=warm_shift,
+                                         shadow=self.shadow)
+                result, latency_ms = plan.result, plan.latency_ms
+                call = {"latency_ms": latency_ms, "batch": int(len(idx)), "rounds": int(result["rounds"]),
+                        "model_evals": int(result["model_evals"]), "converged": bool(result["converged"])}
                 if images:  # an image policy's encoder share of the call (runs once, before sampling)
-                    call["encode_ms"] = float(plan["encode_ms"])
-                action_pred = plan["action_pred"].float().cpu().numpy().reshape(len(idx), m, H, A)
-                samples = plan["sample"].reshape(len(idx), m, *plan["sample"].shape[1:])
+                    call["encode_ms"] = float(result["encode_ms"])
                 if self.shadow is not None:
-                    shadow_plan, shadow_ms = self._timed_plan(self.shadow, obs_history, x_T, noise, **prefix_args)
-                    deviation = (plan["action"] - shadow_plan["action"]).abs().amax(dim=(1, 2))
+                    deviation = (result["action"] - plan.shadow["action"]).abs().amax(dim=(1, 2))
                     deviation = deviation.reshape(len(idx), m).amax(dim=1).cpu().numpy()
             except Exception as err:  # a failing policy call fails its episodes, not the run
                 for i in idx:
                     finish(i, f"policy: {type(err).__name__}: {err}")
                 return False
-            if planned_ms is None:
-                state["recent_ms"].append(latency_ms)
             d = 0 if first or not realtime else delay_steps(latency_ms if planned_ms is None else planned_ms,
                                                              self.control_period_s)
-            new = {}
             for row, i in enumerate(idx):
-                pick = pick_candidate(action_pred[row], known[i], start + d_plan) if m > 1 else 0
-                new[i] = action_pred[row, pick]
-                previous[i] = samples[row, pick : pick + 1]
+                schedule = schedules[i]
+                pick = schedule.pick(plan.chunks[row], known.get(i), d_plan)
+                previous[i] = plan.samples[row, pick : pick + 1]
                 entry = dict(call, warm=warm_from is not None)
                 if realtime:
                     entry.update(delay_steps=int(d), blocking=bool(first))
@@ -336,50 +242,42 @@ class PolicyRunner:
                     if m > 1:
                         entry["candidate"] = int(pick)
                 if self.shadow is not None:
-                    entry.update(shadow_latency_ms=shadow_ms, shadow_deviation=float(deviation[row]))
+                    entry.update(shadow_latency_ms=plan.shadow_ms, shadow_deviation=float(deviation[row]))
                 records[i]["calls"].append(entry)
-            state["last_request"] = t
-            if self.timing == "hold" and not first:  # stand still for d steps, then run the chunk from its start
-                state["hold_until"] = t + d
-                state["pending"] = {"chunks": new, "r": t + d, "land": t}
-                state["next_request"] = t + d + self.execution_horizon
-            else:
-                state["pending"] = {"chunks": new, "r": t + lead, "land": t + max(d, lead)}
-                state["next_request"] = t + max(self.execution_horizon, d)
+                if planned_ms is None and not first:
+                    schedule.note_latency(latency_ms)
+                # timing=hold: stand still for d steps, then run the chunk from its start
+                schedule.requested(t, lead=lead, hold_steps=d if self.timing == "hold" and not first else 0)
+                schedule.arrived(plan.chunks[row, pick], t if self.timing == "hold" else t + d)
             return True
 
         def land(t: int) -> None:
-            """The pending chunk takes over at step t; record the action jump at the switch (the first action
+            """The pending chunks take over at step t; record the action jump at the switch (the first action
             the new chunk executes against the last action executed before it: a hold, in timing=hold)."""
-            pending = state["pending"]
-            state["pending"] = None
-            state["old"] = list(chunks) if transition.blend > 0 else [None] * n
-            state["old_r"] = state["chunk_r"]
-            state["chunk_r"] = pending["r"]
-            for i, chunk in pending["chunks"].items():
-                chunks[i] = chunk
-                first_position = max(t, pending["r"]) - pending["r"] + start
-                if realtime and executed[i] and first_position < H and active[i]:
-                    before = hold_action(i) if pending["r"] > t else executed[i][-1]
-                    jump = float(np.abs(chunk[first_position] - before).max())
+            for i in np.flatnonzero(active[:n]):
+                _, jump = schedules[i].land(t, hold_action(i))
+                if realtime and jump is not None:
                     records[i]["calls"][-1]["switch_jump"] = jump
                     records[i]["max_switch_jump"] = max(records[i]["max_switch_jump"], jump)
 
+        def lead_schedule() -> ChunkSchedule:
+            return schedules[int(np.flatnonzero(active)[0])]
+
         t = 0
         while active.any():
-            if state["pending"] is not None and t >= state["pending"]["land"]:
+            if lead_schedule().landing_due(t):
                 land(t)
-            if state["pending"] is None and t >= state["next_request"]:
+            if lead_schedule().due(t):
                 if not request(t):
                     break
-                if t >= state["pending"]["land"]:
+                if lead_schedule().landing_due(t):
                     land(t)
             idx = np.flatnonzero(active)
             step_actions = np.zeros((self.n_envs, A), dtype=np.float32)
             for i in idx:
-                action, kind = action_at(i, t)
+                action, kind = schedules[i].action_at(t, hold_action(i))
                 step_actions[i] = action
-                executed[i].append(np.asarray(action, dtype=np.float32))
+                schedules[i].record(action)
                 last_gripper[i] = action[-1]
                 if kind == "stall" and realtime:
                     records[i]["stall_steps"] += 1

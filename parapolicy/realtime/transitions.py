@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import numpy as np
 
 TRANSITIONS = ("naive", "prefix", "rtc", "ensemble", "bid", "bid_prefix", "forecast")
+DEFAULT_CANDIDATES = 8  # bid, bid_prefix: chunks planned per call when the name gives no number
+DEFAULT_BLEND = 0.3  # ensemble: the old chunk's weight over the overlap when the name gives none
 
 
 @dataclass(frozen=True)
@@ -52,13 +54,13 @@ class Transition:
                              f"(bid:<candidates>, ensemble:<old weight>)")
         candidates, blend = 1, 0.0
         if name in ("bid", "bid_prefix"):
-            candidates = 8
+            candidates = DEFAULT_CANDIDATES
             if option:
                 candidates = int(option) if option.isdigit() else 0
                 if candidates < 1:
                     raise ValueError(f"transition {spec!r}: the candidates after ':' must be an integer >= 1")
         elif name == "ensemble":
-            blend = 0.3
+            blend = DEFAULT_BLEND
             if option:
                 try:
                     blend = float(option)

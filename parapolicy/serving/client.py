@@ -31,8 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from parapolicy.observation import flatten_observation, reduced_observation
 from parapolicy.serving.codec import packb, unpackb
-from parapolicy.serving.protocol import PROTOCOL_VERSION, PROTOCOLS, flatten_observation, image_observation
+from parapolicy.serving.protocol import PROTOCOL_VERSION, PROTOCOLS
 
 TOKEN_ENV = "PARAPOLICY_TOKEN"
 
@@ -147,7 +148,7 @@ class RemotePolicy:
         ``[obs_dim]`` vector, or for an image policy a dict of its low-dim keys and uint8 ``[3, H, W]`` frames."""
         meta = self.metadata
         if self.image_keys:
-            return image_observation(obs, meta["obs_keys"], int(meta["obs_dim"]), self.image_keys, meta["image_shape"])
+            return reduced_observation(obs, meta["obs_keys"], int(meta["obs_dim"]), self.image_keys, meta["image_shape"])
         return flatten_observation(obs, meta["obs_keys"], int(meta["obs_dim"]))
 
     def reset(self, seed: int | None = None) -> None:

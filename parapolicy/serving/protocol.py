@@ -66,8 +66,6 @@ REQUEST_KEYS = frozenset({"type", "id", "obs", "reset", "seed", "deadline_ms"}) 
 MAX_CANDIDATES = 64
 MAX_OBS_PER_REQUEST = 64
 MAX_ID_CHARS = 128
-# A policy's obs key -> the name robosuite's own observation dict gives it (as DiffusionPolicy.act reads it).
-OBS_KEY_ALIASES = {"object": "object-state"}
 
 
 class BadRequest(ValueError):
@@ -204,53 +202,6 @@ def _parse_v2(message: dict, request: Request, rid: Any) -> None:
         raise BadRequest("'prefix_weights' needs a 'prefix'", rid)
     request.chunk, request.candidates, request.delay_steps = chunk, candidates, delay
     request.prefix, request.prefix_weights = prefix, weights
-
-
-def flatten_observation(obs: Any, obs_keys: list[str], obs_dim: int) -> np.ndarray:
-    """One observation (robosuite-style dict or flat vector) -> float32 ``[obs_dim]``, checked for keys,
-    shape and NaN/inf; the same values ``DiffusionPolicy.act`` builds from it (client-side check)."""
-    if isinstance(obs, Mapping):
-        keys = [k if k in obs else OBS_KEY_ALIASES.get(k, k) for k in obs_keys]
-        missing = [k for k, key in zip(obs_keys, keys) if key not in obs]
-        if missing:
-            raise ValueError(f"observation dict lacks keys {missing} (policy needs {list(obs_keys)})")
-        flat = np.concatenate([np.asarray(obs[k], dtype=np.float32).reshape(-1) for k in keys])
-    else:
-        if hasattr(obs, "detach"):  # torch tensor
-            obs = obs.detach().cpu().numpy()
-        if not isinstance(obs, (np.ndarray, list, tuple)):
-            raise ValueError(f"observation must be a dict or an array, got {type(obs).__name__}")
-        flat = np.asarray(obs, dtype=np.float32)
-    if flat.shape != (obs_dim,):
-        raise ValueError(f"observation must give {obs_dim} values (keys {list(obs_keys)}), got shape {list(flat.shape)}")
-    if not np.isfinite(flat).all():
-        raise ValueError("observation contains NaN or inf")
-    return flat
-
-
-def image_observation(obs: Any, obs_keys: list[str], obs_dim: int, image_keys: list[str],
-                      image_shape: list[int]) -> dict[str, np.ndarray]:
-    """An image policy's observation, checked as ``DiffusionPolicy.act`` does, reduced to what the server
-    reads: ``{obs_key: float32 [...], image_key: uint8 [3, H, W]}`` (robosuite's other keys stay home;
-    two 84x84 cameras are 42 KB a step)."""
-    if not isinstance(obs, Mapping):
-        raise ValueError(f"this policy sees cameras {list(image_keys)}: pass the observation dict, not an array")
-    flatten_observation(obs, obs_keys, obs_dim)  # keys, size, NaN/inf
-    kept = {}
-    for key in obs_keys:
-        value = obs[key] if key in obs else obs[OBS_KEY_ALIASES.get(key, key)]
-        kept[key] = np.asarray(value, dtype=np.float32)
-    for key in image_keys:
-        if key not in obs:
-            raise ValueError(f"observation dict lacks camera {key!r} (policy needs {list(image_keys)})")
-        frame = np.asarray(obs[key])
-        if frame.ndim == 3 and frame.shape[-1] == 3 and frame.shape[0] != 3:
-            frame = frame.transpose(2, 0, 1)  # upright [H, W, 3] -> channel-first
-        if list(frame.shape) != list(image_shape) or frame.dtype != np.uint8:
-            raise ValueError(f"obs[{key!r}] must be uint8 [H, W, 3] or [3, H, W] with [3, H, W] = "
-                             f"{list(image_shape)}, got {frame.dtype} {list(np.shape(obs[key]))}")
-        kept[key] = np.ascontiguousarray(frame)
-    return kept
 
 
 def error_reply(code: str, message: str, request_id: Any = None) -> dict:

@@ -6,7 +6,7 @@ sends a seed). Requests from different connections that arrive within ``max_wait
 waiting one (up to ``max_batch``; no wait once every connected robot is waiting) are planned in one
 ``predict_action`` call on a ``[B, n_obs_steps, obs_dim]`` batch (image policies: with each camera's
 ``[B, n_obs_steps, 3, H, W]`` uint8 frames, encoded in the same call). Every robot draws its own ``x_T [1, H, A]`` and step noise ``[N, 1, H, A]`` from its
-generator, in the order ``parapolicy.realtime.runner.PolicyRunner`` draws them, so a robot gets the chunk it
+generator, in the order ``parapolicy.realtime.planner`` draws them (as the eval's runner), so a robot gets the chunk it
 would get alone: exactly for sequential samplers (up to float rounding of a larger batch), within the
 sampler's tolerance for parallel ones (a Picard window advances by the slowest row of the batch, so a
 batched row may iterate a round more than it would alone).
@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from parapolicy.realtime.runner import draw_candidates, draw_prefix_noise  # the in-process eval's draw order, shared
+from parapolicy.realtime.planner import BatchPlanner  # the in-process eval's planning call and draw order
 from parapolicy.serving.codec import CodecError, packb, unpackb
 from parapolicy.serving.protocol import PROTOCOL_VERSION, PROTOCOLS, BadRequest, Request, error_reply, parse_request
 
@@ -209,6 +209,7 @@ class PolicyServer:
         self._stopping = False
         self._ws_server = None
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy")
+        self._planner = BatchPlanner(policy)
         self.ready = threading.Event()  # set once listening (``port`` is then the bound port)
 
     # ------------------------------------------------------------------ metadata
@@ -347,8 +348,8 @@ class PolicyServer:
             if isinstance(raw, str):
                 raise CodecError("expected binary msgpack frames, got a text frame")
             message = unpackb(raw)
-            frames = self.policy._obs_images if self.policy.config.image_keys else None
-            request = parse_request(message, self.policy._flat_obs, frames)
+            frames = self.policy.observation_frames if self.policy.config.image_keys else None
+            request = parse_request(message, self.policy.flat_observation, frames)
         except (CodecError, BadRequest) as err:
             self.stats.errors += 1
             code = "bad_request" if isinstance(err, BadRequest) else "bad_message"
@@ -428,10 +429,10 @@ class PolicyServer:
         """Worker thread: plan a batch. Rows go in one ``predict_action`` call per signature (warm start or
         not, prefix length, candidates), since those options hold for all rows of a call.
 
-        Noise per robot, from its generator, in a fixed order: x_T and step noise (as v1), then those of
-        the extra candidates, then the prefix's noise, so a v1 request draws exactly what it always did."""
+        Noise per robot, from its generator, in ``parapolicy.realtime.planner``'s order: x_T and step noise
+        (as v1), then those of the extra candidates, then the prefix's noise, so a v1 request draws exactly
+        what it always did."""
         policy = self.policy
-        cfg = policy.config
         groups: dict[tuple, list[int]] = {}
         for i, item in enumerate(batch):
             groups.setdefault(item.signature(policy.warm_start), []).append(i)
@@ -439,23 +440,21 @@ class PolicyServer:
         for (warm, prefix_len, m, _), rows in groups.items():
             start = time.perf_counter()
             try:
-                generators = [batch[i].robot.generator for i in rows]
-                x_T, noise = draw_candidates(policy, generators, m)  # the runner's draw order
-                history = torch.from_numpy(np.stack([batch[i].history for i in rows])).repeat_interleave(m, 0)
-                warm_from = torch.cat([batch[i].robot.previous_sample for i in rows]) if warm else None
-                kwargs = {}
-                if batch[rows[0]].images is not None:  # {key: [B * m, n_obs_steps, 3, H, W]} uint8
-                    kwargs["images"] = {key: torch.from_numpy(np.stack([batch[i].images[key] for i in rows]))
-                                        .repeat_interleave(m, 0) for key in batch[rows[0]].images}
+                requests = [batch[i].request for i in rows]
+                images = None
+                if batch[rows[0]].images is not None:  # {key: [B, n_obs_steps, 3, H, W]} uint8
+                    images = {key: np.stack([batch[i].images[key] for i in rows]) for key in batch[rows[0]].images}
+                prefix = weights = None
                 if prefix_len:
-                    requests = [batch[i].request for i in rows]
-                    kwargs["prefix"] = torch.from_numpy(np.stack([r.prefix for r in requests])).repeat_interleave(m, 0)
+                    prefix = np.stack([r.prefix for r in requests])
                     if requests[0].prefix_weights is not None:
-                        kwargs["prefix_weights"] = torch.from_numpy(
-                            np.stack([r.prefix_weights for r in requests])).repeat_interleave(m, 0)
-                    kwargs["prefix_noise"] = draw_prefix_noise(generators, m, prefix_len, cfg.action_dim)
-                plan = policy.predict_action(history, x_T=x_T, noise=noise, warm_from=warm_from, **kwargs)
-                chunks = plan["action_pred"].float().cpu().numpy().reshape(len(rows), m, cfg.horizon, cfg.action_dim)
+                        weights = np.stack([r.prefix_weights for r in requests])
+                planned = self._planner.plan(
+                    np.stack([batch[i].history for i in rows]), [batch[i].robot.generator for i in rows], m,
+                    images=images, prefix=prefix, prefix_weights=weights,
+                    warm_from=torch.cat([batch[i].robot.previous_sample for i in rows]) if warm else None)
+                plan = planned.result
+                chunks = planned.chunks
                 actions = plan["action"].float().cpu().numpy()  # also waits for a GPU
                 plan_ms = (time.perf_counter() - start) * 1e3
                 converged = plan["converged"]
@@ -463,7 +462,7 @@ class PolicyServer:
                 timing = {"plan_ms": plan_ms, "batch": len(rows), "rounds": _as_int(plan["rounds"]),
                           "model_evals": _as_int(plan["model_evals"]), "converged": converged, "warm": warm}
                 for row, i in enumerate(rows):
-                    batch[i].robot.previous_sample = plan["sample"][row * m : row * m + 1]
+                    batch[i].robot.previous_sample = planned.samples[row, 0:1]
                     results[i] = {"action": np.ascontiguousarray(actions[row * m]),
                                   "chunks": np.ascontiguousarray(chunks[row]), "timing": timing}
                 self.stats.batches += 1
