@@ -423,9 +423,9 @@ def test_async_policy_returns_env_commands_of_an_absolute_policy():
 
     target = np.array([0.05, -0.02, 1.02, 2.2, 2.1, 0.1, 1.0])
     target10 = from_env_action(target, "absolute_rot6d")
-    obs = np.zeros(19, np.float32)
+    obs = np.zeros(19, np.float32)  # a flat observation: the arm's pose for a hold comes with hold= (here: at the target)
     with AsyncPolicy(abs_policy(target10, prediction_type="sample"), control_hz=20) as loop:
-        actions = np.stack([loop.act(obs) for _ in range(20)])
+        actions = np.stack([loop.act(obs, hold=target.astype(np.float32)) for _ in range(20)])
     assert actions.shape == (20, 7)
     np.testing.assert_allclose(actions[:, :6], np.broadcast_to(target[:6], (20, 6)), atol=1e-4)
 

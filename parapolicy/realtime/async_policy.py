@@ -191,17 +191,30 @@ class AsyncPolicy:
             action = to_env_action(action, self.action_space)
         return action
 
-    def _hold_action(self, obs: Any, hold: np.ndarray | None) -> np.ndarray:
-        """The stay-in-place action in the policy's terms, the gripper as last commanded."""
+    def _hold_action(self, obs: Any, hold: np.ndarray | None):
+        """The stay-in-place action in the policy's terms, the gripper as last commanded: an array, or for
+        absolute-pose policies a function computing it (from the pose in ``obs``) when a hold is needed."""
+        gripper = self._gripper
         if self.action_space == "delta":
             action = np.zeros(self.action_dim, dtype=np.float32)
-        else:
-            from parapolicy.policy.action_space import from_env_action
+            action[-1] = gripper
+            return action
+        cached: list[np.ndarray] = []
 
-            command = pose_hold_command(obs, self._gripper) if hold is None else np.asarray(hold, np.float32)
-            action = np.asarray(from_env_action(command, self.action_space), dtype=np.float32)
-        action[-1] = self._gripper
-        return action
+        def pose() -> np.ndarray:
+            if not cached:
+                from parapolicy.policy.action_space import from_env_action
+
+                try:
+                    command = pose_hold_command(obs, gripper) if hold is None else np.asarray(hold, np.float32)
+                except ValueError as err:
+                    raise ValueError(f"{err}; or pass the env command that holds the arm: act(obs, hold=...)") from None
+                action = np.asarray(from_env_action(command, self.action_space), dtype=np.float32)
+                action[-1] = gripper
+                cached.append(action)
+            return cached[0]
+
+        return pose
 
     def _arrive(self, result: dict, t: int) -> None:
         self.schedule.arrived(result["chunk"], t)

@@ -8,7 +8,8 @@ its position ``t - chunk_step + start``; past the chunk's end the robot holds (a
 
 *Hold* is the controller's stay-in-place command: a zero arm delta, or for absolute-pose policies the
 arm's current pose (``parapolicy.observation.pose_hold_command``), with the gripper as last commanded.
-The caller passes it in (it knows the robot), so the simulator's runner and ``AsyncPolicy`` hold alike.
+The caller passes it in (it knows the robot), so the simulator's runner and ``AsyncPolicy`` hold alike;
+it may be a function returning it, called only when a hold is needed.
 
 A plan's life: ``due(t)`` says a plan should start at step t; ``requested(t, ...)`` books it (planned
 for step t + lead); ``arrived(chunk, t)`` gives its chunk when it is known (the runner: at once, landing
@@ -87,10 +88,10 @@ class ChunkSchedule:
         """(action ``[A]``, kind) at step t: kind is "chunk", "hold" (timing=hold, while planning) or "stall"
         (the chunk ran out); ``hold`` is the stay-in-place action."""
         if t < self.hold_until:
-            return hold, "hold"
+            return _resolve(hold), "hold"
         j = t - self.chunk_step + self.start
         if j >= self.horizon:
-            return hold, "stall"
+            return _resolve(hold), "stall"
         action = self.chunk[j]
         blend = self.transition.blend
         if blend > 0 and self.old is not None:
@@ -138,7 +139,7 @@ class ChunkSchedule:
         for j in range(self.horizon):
             when = t - self.start + j
             if when < t:
-                rows.append(self.executed[when] if when >= 0 else self.executed[0] if self.executed else hold)
+                rows.append(self.executed[when] if when >= 0 else self.executed[0] if self.executed else _resolve(hold))
             elif when < t + d:
                 rows.append(self.action_at(when, hold)[0])
             else:
@@ -196,6 +197,10 @@ class ChunkSchedule:
         first_position = max(t, p.step) - p.step + self.start
         jump = None
         if self.executed and first_position < self.horizon:
-            before = hold if p.step > t else self.executed[-1]
+            before = _resolve(hold) if p.step > t else self.executed[-1]
             jump = float(np.abs(p.chunk[first_position] - before).max())
         return max(0, t - p.step), jump
+
+
+def _resolve(hold):
+    return hold() if callable(hold) else hold
