@@ -629,5 +629,5 @@ def warm_up(policy: Any, batch_size: int = 1) -> dict:
         global_cond = global_condition(policy, obs, frames)  # CPU: picks the encoder's backend for this batch
     else:
         global_cond = norm.normalize(obs).flatten(1)
-    backends = fast.prepare(policy.model, global_cond, (cfg.horizon, cfg.action_dim), policy.sampler)
+    backends = fast.prepare(policy.model, global_cond, (cfg.horizon, cfg.sample_dim), policy.sampler)
     return {"backends": backends, "warmup_s": sum(fast.stats.warmup_s.values()) - before}

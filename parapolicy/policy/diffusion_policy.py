@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from parapolicy.policy.configuration import DiffusionPolicyConfig
 from parapolicy.policy.normalizer import PolicyNormalizer
-from parapolicy.policy.unet import ConditionalUnet1D
+from parapolicy.policy.networks import build_network
 
 
 # A policy's obs key -> the name robosuite's own observation dict gives it.
@@ -39,7 +39,7 @@ class DiffusionPolicy(nn.Module):
         from diffusers import DDPMScheduler
 
         self.config = config
-        self.model = ConditionalUnet1D(**config.network_kwargs())
+        self.model = build_network(config)  # config.network: the U-Net or DP's transformer
         self.normalizer = PolicyNormalizer(config.obs_dim, config.action_dim)
         # image policies: camera frames (+ the normalised low-dim vector) -> per-step features
         self.obs_encoder = build_obs_encoder(config) if config.image_keys else None
@@ -120,6 +120,9 @@ class DiffusionPolicy(nn.Module):
     def compute_loss(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
         """DDPM epsilon loss on raw batch ``obs [B, n_obs_steps, obs_dim]``, ``action [B, horizon, A]``
         (image policies: ``images`` {key: uint8 ``[B, n_obs_steps, 3, H, W]``})."""
+        if self.config.sample_dim != self.config.action_dim or self.config.pred_action_steps_only:
+            raise ValueError("DP's inpainting (obs_as_cond=False) and pred_action_steps_only transformers are "
+                             "trained with Diffusion Policy and imported (python -m parapolicy.convert)")
         global_cond = self.global_condition(batch["obs"], batch.get("images"))
         actions = self.normalizer.action.normalize(batch["action"])
         batch_size = actions.shape[0]
@@ -270,7 +273,7 @@ class DiffusionPolicy(nn.Module):
         else:
             global_cond = self.global_condition(obs_history, images)  # [B, n_obs_steps * feature_dim], once per call
         encode_end = _now(self.device)
-        shape = (batch, cfg.horizon, cfg.action_dim)
+        shape = (batch, cfg.horizon, cfg.sample_dim)
         if x_T is None:
             gen_device = generator.device if generator is not None else self.device
             x_T = torch.randn(shape, generator=generator, device=gen_device)
@@ -300,7 +303,7 @@ class DiffusionPolicy(nn.Module):
             init = sampler.guess_trajectory(x_T, guess, noise, rule=self.warm_start_rule)
         out = sampler.sample(denoise, x_T, noise=noise, generator=generator, init=init)
         sample = out.sample if constraint is None else constraint.finish(out.sample)
-        action_pred = self.normalizer.action.unnormalize(sample)
+        action_pred = self.normalizer.action.unnormalize(sample[..., : cfg.action_dim])  # inpainted obs dropped
         start = cfg.action_start
         return {
             "action": action_pred[:, start : start + cfg.n_action_steps],
@@ -320,6 +323,9 @@ class DiffusionPolicy(nn.Module):
         from parapolicy.samplers.constraints import PrefixConstraint
 
         cfg = self.config
+        if cfg.sample_dim != cfg.action_dim:
+            raise ValueError("prefix constraints need a policy that samples actions only; this transformer also "
+                             "samples in-painted observations (obs_as_cond=False)")
         prefix = torch.as_tensor(prefix, dtype=torch.float32, device=self.device)
         if prefix.ndim != 3 or prefix.shape[0] != batch or prefix.shape[2] != cfg.action_dim or not (
                 1 <= prefix.shape[1] <= cfg.horizon):
