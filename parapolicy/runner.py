@@ -138,8 +138,9 @@ class PolicyRunner:
         self.timing = timing
         self.latency = latency if isinstance(latency, LatencyModel) else LatencyModel.parse(
             latency, label, getattr(policy, "sampler_name", None))
-        self.transition = Transition.parse(transition)
         cfg = policy.config
+        self.transition = Transition.parse(transition, cfg)
+        self.transition.check_policy(cfg)
         horizon = execution_horizon if execution_horizon is not None else cfg.n_action_steps
         if isinstance(horizon, bool) or not isinstance(horizon, int) or not 1 <= horizon <= cfg.horizon - cfg.action_start:
             raise ValueError(f"execution_horizon must be an integer in [1, {cfg.horizon - cfg.action_start}] "
@@ -294,7 +295,8 @@ class PolicyRunner:
                     weights = torch.from_numpy(np.stack([p[1][:length] for p in pieces]))
                     eta = draw_prefix_noise([generators[i] for i in idx], m, length, A)
                     prefix_args.update(prefix=prefix.repeat_interleave(m, dim=0),
-                                       prefix_weights=weights.repeat_interleave(m, dim=0), prefix_noise=eta)
+                                       prefix_weights=weights.repeat_interleave(m, dim=0), prefix_noise=eta,
+                                       prefix_mode=transition.prefix_mode)
             warm_from, warm_shift = None, None
             if self.policy.warm_start and all(previous[i] is not None for i in idx):
                 warm_shift = t - state["last_request"]

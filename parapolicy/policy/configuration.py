@@ -60,6 +60,10 @@ class DiffusionPolicyConfig:
     sampler: str = "ddpm"
     num_inference_steps: int = 100
     sampler_options: dict[str, Any] = field(default_factory=dict)
+    # Trained for delay (``transition=trained``): > 0 when the network also sees the actions the robot
+    # commits to before the chunk can take over (positions ``[0, action_start + d)``, d <= max_delay)
+    # as clean values with a known-position mask in its global conditioning. 0: an ordinary policy.
+    max_delay: int = 0
 
     def __post_init__(self) -> None:
         self.obs_keys = list(self.obs_keys)
@@ -86,6 +90,10 @@ class DiffusionPolicyConfig:
         levels = len(self.down_dims) - 1
         if self.uses_unet and self.horizon % (2**levels):
             raise ValueError(f"horizon {self.horizon} must be divisible by 2**{levels} for down_dims {self.down_dims}")
+        if isinstance(self.max_delay, bool) or not isinstance(self.max_delay, int) or self.max_delay < 0:
+            raise ValueError(f"max_delay must be an integer >= 0, got {self.max_delay!r}")
+        if self.max_delay and self.action_start + 1 > self.horizon - 1:
+            raise ValueError(f"horizon {self.horizon} leaves no position to plan after the committed ones")
         if self.uses_unet and any(d % self.n_groups for d in self.down_dims):
             raise ValueError(f"every down_dims entry must be divisible by n_groups={self.n_groups}")
         from parapolicy.policy.networks import check_network
@@ -118,8 +126,30 @@ class DiffusionPolicyConfig:
         return len(self.image_keys) * int(self.vision.get("feature_dim", 64)) + self.obs_dim
 
     @property
-    def global_cond_dim(self) -> int:
+    def obs_cond_dim(self) -> int:
+        """The observation part of the global conditioning: ``feature_dim`` per observation step."""
         return self.feature_dim * self.n_obs_steps
+
+    @property
+    def delay_conditioned(self) -> bool:
+        return self.max_delay > 0
+
+    @property
+    def known_positions(self) -> int:
+        """How many leading chunk positions a delay-conditioned network can be told (0 otherwise):
+        ``action_start + max_delay``, leaving at least one position to plan."""
+        if not self.delay_conditioned:
+            return 0
+        return min(self.action_start + self.max_delay, self.horizon - 1)
+
+    @property
+    def known_cond_dim(self) -> int:
+        """Columns of the known-actions conditioning: ``known_positions`` actions, then their mask."""
+        return self.known_positions * (self.action_dim + 1)
+
+    @property
+    def global_cond_dim(self) -> int:
+        return self.obs_cond_dim + self.known_cond_dim
 
     def network_kwargs(self) -> dict[str, Any]:
         return dict(

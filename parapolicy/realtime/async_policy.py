@@ -29,13 +29,14 @@ import math
 import threading
 import time
 from collections import deque
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
 from parapolicy.realtime.transitions import Transition, forecast_history, pick_candidate, prefix_for
 
-DEFAULT_TRANSITION = "forecast"  # the best measured (benchmarks/RESULTS.md, "Real time")
+DEFAULT_TRANSITION = "auto"  # by policy: trained, else forecast (state) or naive (cameras); see transitions
 
 
 class AsyncPolicy:
@@ -60,7 +61,6 @@ class AsyncPolicy:
             raise ValueError(f"control_hz must be a positive number, got {control_hz!r}")
         self.policy = policy
         self.control_hz = float(control_hz)
-        self.transition = Transition.parse(transition)
         self._remote = not hasattr(policy, "predict_action")
         normalizer = getattr(getattr(policy, "normalizer", None), "obs", None)  # forecasts stay in its range
         self._obs_bounds = (None, None) if normalizer is None else (normalizer.min.cpu().numpy(),
@@ -73,6 +73,10 @@ class AsyncPolicy:
         self.action_space = meta.get("action_space", "delta") if self._remote else getattr(cfg, "action_space", "delta")
         self.image_keys = list((meta.get("image_keys") if self._remote else getattr(cfg, "image_keys", None)) or [])
         self.start = self.n_obs_steps - 1
+        described = cfg if cfg is not None else SimpleNamespace(max_delay=int(meta.get("max_delay") or 0),
+                                                                image_keys=self.image_keys)
+        self.transition = Transition.parse(transition, described)
+        self.transition.check_policy(described)
         n_action_steps = int(meta["n_action_steps"]) if self._remote else cfg.n_action_steps
         horizon = n_action_steps if execution_horizon is None else execution_horizon
         if isinstance(horizon, bool) or not isinstance(horizon, int) or not 1 <= horizon <= self.horizon - self.start:
@@ -255,7 +259,8 @@ class AsyncPolicy:
             kwargs = {}
             if prefix is not None:
                 kwargs = {"prefix": torch.from_numpy(prefix)[None].repeat(m, 1, 1),
-                          "prefix_weights": torch.from_numpy(weights)[None].repeat(m, 1)}
+                          "prefix_weights": torch.from_numpy(weights)[None].repeat(m, 1),
+                          "prefix_mode": self.transition.prefix_mode}
             if self.image_keys:  # {key: [m, n_obs_steps, 3, H, W]}
                 kwargs["images"] = {key: torch.from_numpy(np.stack([f[key] for f in job["frames"]]))[None]
                                     .expand(m, -1, -1, -1, -1) for key in self.image_keys}
