@@ -322,9 +322,6 @@ def installed(policy_class: type) -> dict[str, Any] | None:
 
 
 # ------------------------------------------------------------------ real-time chunking (lerobot-rollout)
-_OBS_STATE, _OBS_ENV_STATE, _OBS_IMAGES = "observation.state", "observation.environment_state", "observation.images"
-
-
 def rtc_prefix(prev_chunk_left_over: torch.Tensor | None, inference_delay: int | None, batch: int,
                n_obs_steps: int, chunk_length: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """LeRobot's RTC arguments -> the prefix over the U-Net's horizon, or None when nothing is known.
@@ -357,39 +354,16 @@ def rtc_prefix(prev_chunk_left_over: torch.Tensor | None, inference_delay: int |
     return values, weights
 
 
-def _frame_keys(config: Any) -> list[str]:
-    keys = [_OBS_STATE]
-    keys += list(getattr(config, "image_features", None) or {})
-    if getattr(config, "env_state_feature", None):
-        keys.append(_OBS_ENV_STATE)
-    return keys
-
-
 def stack_history(policy: Any, frame: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Add one frame (``observation.state`` ``[B, D]``, each camera ``[B, C, H, W]``, the environment state)
-    to ``policy``'s RTC history (``n_obs_steps`` frames; the first one repeated to fill it, as LeRobot's
-    queues do) -> ``generate_actions``'s batch: ``[B, n_obs_steps, ...]`` per key, cameras also stacked
-    into ``observation.images`` ``[B, n_obs_steps, N, C, H, W]``."""
-    from collections import deque
+    """Add one frame to ``policy``'s own RTC history (a ``FrameHistory``, forgotten by ``reset()``) ->
+    ``generate_actions``'s batch ``[B, n_obs_steps, ...]`` (see ``lerobot_async.FrameHistory``)."""
+    from parapolicy.integrations.lerobot_async import FrameHistory
 
-    config = policy.config
-    n_obs = int(config.n_obs_steps)
-    keys = _frame_keys(config)
-    missing = [k for k in keys if k not in frame]
-    if missing:
-        raise ValueError(f"the RTC observation lacks {missing} (has {sorted(frame)})")
-    step = {k: frame[k] for k in keys}
     history = policy.__dict__.get(_HISTORY_ATTR)
     if history is None:
-        history = deque([step] * n_obs, maxlen=n_obs)
+        history = FrameHistory(policy.config)
         object.__setattr__(policy, _HISTORY_ATTR, history)
-    else:
-        history.append(step)
-    batch = {k: torch.stack([h[k] for h in history], dim=1) for k in keys}
-    cameras = list(getattr(config, "image_features", None) or {})
-    if cameras:
-        batch[_OBS_IMAGES] = torch.stack([batch[k] for k in cameras], dim=-4)
-    return batch
+    return history.push(frame)
 
 
 @torch.no_grad()
@@ -402,7 +376,7 @@ def rtc_chunk(policy: Any, frame: dict[str, torch.Tensor], inference_delay: int 
     model = find_diffusion_model(policy)
     batch = stack_history(policy, frame)
     config = policy.config
-    b = batch[_OBS_STATE].shape[0]
+    b = next(iter(batch.values())).shape[0]
     prefix = rtc_prefix(prev_chunk_left_over, inference_delay, b, int(config.n_obs_steps), int(config.n_action_steps))
     if prefix is not None:
         device = next(iter(model.parameters())).device
