@@ -9,8 +9,9 @@ lets action token i attend to tokens 0..i only, and, with observation tokens, to
 0..i (plus the time token).
 
 State-dict keys are Diffusion Policy's (``input_emb``, ``pos_emb``, ``cond_obs_emb``, ``cond_pos_emb``,
-``encoder.*``, ``decoder.layers.*``, ``ln_f``, ``head``; the additive ``mask`` / ``memory_mask`` buffers
-under ``causal_attn``), so a DP workspace's weights load as they are.
+``encoder.*``, ``decoder.layers.*``, ``ln_f``, ``head``), so a DP workspace's weights load as they are.
+DP also saves its additive ``mask`` / ``memory_mask`` buffers (``causal_attn``); here they are the same
+buffers, rebuilt from the options and not saved (``DP_BUFFERS``: what an importer checks and drops).
 
 Inside a ``DiffusionPolicy`` the network keeps the U-Net's interface, ``forward(sample [B, H, D],
 timestep [B], global_cond [B, G]) -> [B, H, D]``, and maps the flat conditioning itself:
@@ -32,6 +33,9 @@ import math
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+
+DP_BUFFERS = ("mask", "memory_mask")  # in DP's state dict under causal_attn, not in ours
 
 
 def _additive(allowed: torch.Tensor) -> torch.Tensor:
@@ -71,24 +75,26 @@ class MultiheadAttention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
 
     def forward(self, query: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """query ``[B, T, E]``, memory ``[B, S, E]``, mask ``[T, S]`` or None -> ``[B, T, E]``."""
-        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
-        b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+        """query ``[B, T, E]``, memory ``[B, S, E]`` (``query`` itself for self-attention), mask ``[T, S]``
+        or None -> ``[B, T, E]``. Projections packed as torch's MultiheadAttention packs them (one map for
+        self-attention, query then key + value for cross-attention) and the same fused attention kernel,
+        so float32 results are torch's (and DP's) bit for bit."""
         batch, length, dim = query.shape
-        head_dim = dim // self.heads
+        if memory is query:
+            q, k, v = F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        else:
+            w_q, w_kv = self.in_proj_weight.split([dim, 2 * dim])
+            b_q, b_kv = self.in_proj_bias.split([dim, 2 * dim])
+            q = F.linear(query, w_q, b_q)
+            k, v = F.linear(memory, w_kv, b_kv).chunk(2, dim=-1)
 
-        def split(x: torch.Tensor) -> torch.Tensor:  # [B, N, E] -> [B, heads, N, head_dim]
-            return x.reshape(batch, x.shape[1], self.heads, head_dim).transpose(1, 2)
+        def heads(x: torch.Tensor) -> torch.Tensor:  # [B, N, E] -> [B, heads, N, E / heads]
+            return x.reshape(batch, x.shape[1], self.heads, dim // self.heads).transpose(1, 2)
 
-        q = split(F.linear(query, w_q, b_q))
-        k = split(F.linear(memory, w_k, b_k))
-        v = split(F.linear(memory, w_v, b_v))
-        scores = (q * head_dim**-0.5) @ k.transpose(-2, -1)  # [B, heads, T, S]
-        if mask is not None:
-            scores = scores + mask.to(scores.dtype)
-        weights = F.dropout(scores.softmax(dim=-1), self.dropout, self.training)
-        out = (weights @ v).transpose(1, 2).reshape(batch, length, dim)
-        return self.out_proj(out)
+        out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v),
+                                             attn_mask=None if mask is None else mask.to(q.dtype),
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(out.transpose(1, 2).reshape(batch, length, dim))
 
 
 class EncoderLayer(nn.Module):
@@ -187,7 +193,9 @@ class TransformerForDiffusion(nn.Module):
         else:
             self.encoder = _Stack([EncoderLayer(n_emb, n_head, p_drop_attn) for _ in range(n_layer)])
 
-        mask = memory_mask = None  # None buffers stay out of the state dict, as in DP
+        # Derived from the options, so kept out of our checkpoints (whose loader refuses -inf); DP's state
+        # dict carries them, and the importer checks they equal these.
+        mask = memory_mask = None
         if causal_attn:
             steps = torch.arange(tokens)
             mask = _additive(steps[:, None] >= steps[None, :])  # a token sees itself and earlier ones
@@ -196,8 +204,8 @@ class TransformerForDiffusion(nn.Module):
                 # sees the timestep and observation steps 0..i
                 cond = torch.arange(cond_tokens)
                 memory_mask = _additive(steps[:, None] >= cond[None, :] - 1)
-        self.register_buffer("mask", mask)
-        self.register_buffer("memory_mask", memory_mask)
+        self.register_buffer("mask", mask, persistent=False)
+        self.register_buffer("memory_mask", memory_mask, persistent=False)
         self.ln_f = nn.LayerNorm(n_emb)
         self.head = nn.Linear(n_emb, output_dim)
         self._init_weights()
