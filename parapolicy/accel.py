@@ -591,6 +591,16 @@ def make_fast_path(enabled: Any = True, **options: Any) -> Any:
     return FastPath(**options)
 
 
+def eval_fast_path(mode: Any, device: Any) -> Any:
+    """The fast path an evaluation asks for with ``mode`` (its ``fast_path`` setting) on ``device``:
+    "auto" turns it on on CPU when OpenVINO or ONNX Runtime is installed (they beat eager and
+    TorchScript on the CPU here: benchmarks/RESULTS.md, issue #36), else stays "auto" (CUDA graphs on
+    CUDA, the plain path on CPU); any other value is returned as it is."""
+    if mode != "auto" or torch.device(device).type != "cpu":
+        return mode
+    return True if any(missing(name) is None for name in RUNTIMES) else mode
+
+
 def apply_fast_path(policy: Any, denoise: Denoiser, global_cond: torch.Tensor) -> Denoiser:
     """What ``DiffusionPolicy.predict_action`` calls: wrap ``denoise`` per ``policy.fast_path``.
 

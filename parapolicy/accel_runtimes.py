@@ -16,7 +16,7 @@ Both are optional extras (``pip install parapolicy[openvino]`` / ``[onnx]``): ``
 why one cannot run (not installed, or failing to import), and the fast path then skips it with a note.
 Both run float32 (OpenVINO's ``INFERENCE_PRECISION_HINT=f32``: on CPUs with bf16 units it would
 otherwise pick bf16) on ``threads`` intra-op threads (1 by default: the cores are shared with the
-simulator and other processes), one inference stream, latency hint.
+simulator and other processes), one inference stream, latency hint, OpenVINO's threads not pinned.
 """
 
 from __future__ import annotations
@@ -221,8 +221,10 @@ def _openvino(path: Path, threads: int, n_inputs: int, blobs: Path) -> Callable:
     core = ov.Core()
     blobs = blobs / str(ov.__version__).split("-")[0]
     blobs.mkdir(parents=True, exist_ok=True)
+    # no pinning: the cores are shared (simulator, other processes), and a thread pinned to a busy core
+    # waits for it (benchmarks/RESULTS.md, issue #36)
     config = {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
-              "INFERENCE_PRECISION_HINT": "f32", "CACHE_DIR": str(blobs)}
+              "INFERENCE_PRECISION_HINT": "f32", "ENABLE_CPU_PINNING": False, "CACHE_DIR": str(blobs)}
     try:
         compiled = core.compile_model(str(path), "CPU", config)
     except RuntimeError as err:

@@ -127,3 +127,41 @@ def test_bad_thread_count_is_refused():
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="threads"):
             FastPath(threads=bad)
+
+
+def test_bench_backend_modes_and_per_shape_comparison():
+    """fast_path_backends adds one forced mode per entry (rows +openvino, +eager-trace) whose jobs pair
+    with the twin in the same mode; the comparison names each shape's winner and its margins."""
+    from omegaconf import OmegaConf
+
+    from parapolicy.bench.jobs import build_jobs, fast_modes, mode_backend
+    from parapolicy.bench.report import backend_comparison, format_backends
+
+    cpu = torch.device("cpu")
+    cfg = OmegaConf.create({"fast_path": "both", "fast_path_backends": [["eager", "trace"], "openvino"]})
+    assert fast_modes(cfg, cpu) == ["off", "on", "eager-trace", "openvino"]
+    assert mode_backend("eager-trace") == ["eager", "trace"] and mode_backend("openvino") == "openvino"
+    with pytest.raises(ValueError, match="fast_path_backends"):
+        fast_modes(OmegaConf.create({"fast_path": "off", "fast_path_backends": ["tensorrt"]}), cpu)
+
+    policy = tiny_policy()
+    fast = {mode: tiny_policy() for mode in ("on", "openvino")}
+    for mode, p in fast.items():
+        p.fast_path = FastPath(backend=mode_backend(mode)) if mode != "on" else FastPath()
+    bench_cfg = OmegaConf.create({"samplers": ["paraddpm"], "num_inference_steps": 6, "sampler_options": {},
+                                  "twins": {}, "windows": []})
+    jobs = {job.label: job for job in build_jobs(bench_cfg, policy, [], ("off", "on", "openvino"), fast)["samplers"]}
+    assert set(jobs) == {"paraddpm-6", "ddpm-6", "paraddpm-6+fast", "ddpm-6+fast",
+                         "paraddpm-6+openvino", "ddpm-6+openvino"}
+    assert jobs["paraddpm-6+openvino"].twin == "ddpm-6+openvino" and jobs["paraddpm-6+openvino"].fast == "openvino"
+    assert jobs["ddpm-6+openvino"].policy.fast_path is fast["openvino"].fast_path
+
+    stats = fast["on"].fast_path.stats
+    stats.backends = {"K1xB1": "openvino", "K4xB1": "trace"}
+    stats.candidates_ms = {"K1xB1": {"eager": 9.0, "openvino": 3.0, "onnxruntime": 4.5, "trace": None},
+                           "K4xB1": {"eager": 10.0, "trace": 8.0}}
+    rows = {row["shape"]: row for row in backend_comparison({"on": fast["on"].fast_path})}
+    assert rows["K1xB1"]["vs_eager"] == pytest.approx(3.0) and rows["K1xB1"]["vs_runner_up"] == pytest.approx(1.5)
+    assert rows["K4xB1"]["vs_eager"] == pytest.approx(1.25) and rows["K4xB1"]["vs_runner_up"] == pytest.approx(1.25)
+    table = format_backends(list(rows.values()))
+    assert "3.00x" in table and "1.50x" in table
