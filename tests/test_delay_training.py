@@ -282,13 +282,39 @@ def test_auto_transition_picks_by_policy():
 
 
 def test_async_policy_plans_with_the_trained_prefix():
+    """AsyncPolicy's default (auto) is trained for a delay policy: later plans get the committed actions with
+    prefix_mode='trained'; locally and through a server, which announces max_delay."""
+    from parapolicy.client import RemotePolicy
     from parapolicy.realtime import AsyncPolicy
+    from parapolicy.serving.server import PolicyServer, ServerThread
+    from test_async_policy import SlowPlanner, run_loop
 
-    policy = delay_policy()
-    with AsyncPolicy(policy, control_hz=20) as runner:
-        assert runner.transition.trained
+    class DelayPlanner(SlowPlanner):
+        config = type("Config", (SlowPlanner.config.__class__,), {"max_delay": 8, "image_keys": []})()
+
+    planner = DelayPlanner(plan_s=0.12)
+    with AsyncPolicy(planner, control_hz=20) as policy:
+        assert policy.transition.trained
+        run_loop(policy, 30)
+    later = planner.kwargs[2]
+    assert later["prefix_mode"] == "trained" and later["prefix"].shape[1] >= START + 3
+    assert torch.all(later["prefix_weights"] == 1)
     with pytest.raises(ValueError, match="trained for delay"):
         AsyncPolicy(tiny_policy(), control_hz=20, transition="trained")
+
+    served = delay_policy()
+    served.set_sampler("ddim", 4)
+    with ServerThread(PolicyServer(served, "127.0.0.1", 0)) as server:
+        remote = RemotePolicy(server.url)
+        assert remote.metadata["max_delay"] == MAX_DELAY
+        with AsyncPolicy(remote, control_hz=20) as policy:
+            assert policy.transition.trained
+        remote.close()
+    with ServerThread(PolicyServer(tiny_policy(), "127.0.0.1", 0)) as server:
+        remote = RemotePolicy(server.url)
+        with pytest.raises(ValueError, match="trained for delay"):
+            AsyncPolicy(remote, control_hz=20, transition="trained")
+        remote.close()
 
 
 # ------------------------------------------------------------------ training end to end
