@@ -337,3 +337,17 @@ def test_fine_tuning_for_delay_records_it_and_starts_from_the_original(tmp_path)
         else:
             torch.testing.assert_close(ours[key][:, : value.shape[1]], value, rtol=0, atol=0, msg=key)
             assert not ours[key][:, value.shape[1]:].any()
+
+
+def test_fast_path_warms_up_and_plans_a_delay_policy():
+    """The fast path's warm-up builds the network's full conditioning (observation + known actions)."""
+    from parapolicy.accel import warm_up
+
+    policy = delay_policy()
+    policy.set_sampler("ddim", 4)
+    obs, prefix = obs_batch(policy, 1), torch.zeros(1, START + 2, ACTION_DIM)
+    plain = policy.predict_action(obs, generator=torch.Generator().manual_seed(0), prefix=prefix)["action_pred"]
+    policy.enable_fast_path(backend=["eager", "trace"])
+    assert warm_up(policy, 1)["backends"]
+    fast = policy.predict_action(obs, generator=torch.Generator().manual_seed(0), prefix=prefix)["action_pred"]
+    torch.testing.assert_close(fast, plain, rtol=0, atol=1e-4)
