@@ -32,9 +32,11 @@ def convert(source: str | Path, out: str | Path, weights: str | None = None, ove
         return convert_lerobot_checkpoint(source, out, overwrite=overwrite)
     from parapolicy.importers.diffusion_policy import convert_dp_checkpoint
     from parapolicy.importers.dp_image import convert_dp_image_checkpoint
+    from parapolicy.importers.dp_transformer import convert_dp_transformer_checkpoint
 
     return convert_dp_checkpoint(source, out, weights=weights, overwrite=overwrite,
-                                 convert_image=convert_dp_image_checkpoint)
+                                 convert_image=convert_dp_image_checkpoint,
+                                 convert_transformer=convert_dp_transformer_checkpoint)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,9 +59,17 @@ def main(argv: list[str] | None = None) -> int:
     space = f" ({space}: run it on a *_abs env)" if space != "delta" else ""
     print(f"wrote {out}: {weights} weights of {origin['source']} (sha256 {origin['sha256'][:12]}...), "
           f"obs_dim {policy['obs_dim']}, action_dim {policy['action_dim']}{space}, horizon {policy['horizon']}, "
-          f"down_dims {policy['down_dims']}, {config['num_parameters']:,} parameters, sampler "
+          f"{_network(config)}, {config['num_parameters']:,} parameters, sampler "
           f"{policy['sampler']}-{policy['num_inference_steps']}, env {policy['env']}")
     return 0
+
+
+def _network(config: dict) -> str:
+    network = config["policy"].get("network") or {}
+    if network.get("class", "ConditionalUnet1D") == "ConditionalUnet1D":
+        return f"down_dims {config['policy']['down_dims']}"
+    return (f"TransformerForDiffusion ({network.get('n_layer')} layers, n_emb {network.get('n_emb')}, causal "
+            f"{network.get('causal_attn')}, obs_as_cond {network.get('obs_as_cond')})")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@
 
 Reads every ``summary.json`` below the folder; prints one row per (run directory, sampler) with its
 schedule length (``steps``) and timestep spacing, and writes
-``report.json`` and ``report.png`` (p50 speedup over the baseline and success rate, against
-tolerance, one line per sampler) into the folder; for a real-time sweep (``-m timing=async
+``report.json`` and ``report.png`` (p50 speedup over the baseline and success rate, against whatever
+the sweep varied: tolerance, steps or window; one line per sampler and value of the other varied
+options) into the folder; for a real-time sweep (``-m timing=async
 latency=0,50,100,200``) also ``realtime.png``: success and task time against latency.
 """
 

@@ -148,18 +148,38 @@ def init_from_checkpoint(folder: str | Path, policy: DiffusionPolicy, ema: EMA,
     """Load a shipped checkpoint's EMA weights and normaliser into ``policy`` and ``ema``; returns its
     step count and training stages. The network and data layout must match this run's config."""
     source = load_checkpoint(resolve_path(folder))
-    keys = ("obs_dim", "action_dim", "obs_keys", "horizon", "n_obs_steps", "down_dims", "kernel_size",
+    keys = ("obs_dim", "action_dim", "obs_keys", "n_obs_steps", "down_dims", "kernel_size",
             "n_groups", "diffusion_step_embed_dim", "num_train_timesteps", "prediction_type")
     ours, theirs = policy_config.to_dict(), source.config.to_dict()
     changed = [k for k in keys if ours.get(k) != theirs.get(k)]
     if changed:
         raise ValueError(f"init_from={folder}: the checkpoint's {changed} differ from this run's config "
                          f"({', '.join(f'{k}={theirs.get(k)} vs {ours.get(k)}' for k in changed)})")
-    state = {k: v.to(policy.device) for k, v in source.state_dict().items()}
+    if source.config.max_delay and source.config.max_delay != policy_config.max_delay:
+        raise ValueError(f"init_from={folder}: trained for delay up to {source.config.max_delay} steps, "
+                         f"this run says max_delay={policy_config.max_delay}")
+    state = widen_condition(source.state_dict(), policy.state_dict())
+    state = {k: v.to(policy.device) for k, v in state.items()}
     policy.load_state_dict(state)
     ema.model.load_state_dict(state)
     info = source.training_info or {}
     return int(info.get("iterations", 0)), list(info.get("stages", []))
+
+
+def widen_condition(source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``source``'s weights for ``target``'s network when only the global conditioning grew (an ordinary
+    policy fine-tuned for delay: the known-actions columns come after the observation's). The new
+    columns of every FiLM layer start at zero, so the widened network computes what the source did.
+    The U-Net's convolutions do not depend on the horizon, so a longer horizon keeps every weight."""
+    widened = {}
+    for key, value in source.items():
+        want = target.get(key)
+        if want is not None and key.endswith("cond_encoder.1.weight") and value.shape != want.shape:
+            if value.shape[0] != want.shape[0] or value.shape[1] > want.shape[1]:
+                raise ValueError(f"{key}: cannot widen {list(value.shape)} to {list(want.shape)}")
+            value = torch.cat([value, value.new_zeros(value.shape[0], want.shape[1] - value.shape[1])], dim=1)
+        widened[key] = value
+    return widened
 
 
 # ---------------------------------------------------------------------------------------- main loop
@@ -195,6 +215,7 @@ def build_policy_config(cfg: DictConfig, obs_dim: int, action_dim: int) -> Diffu
         sampler=p.sampler,
         num_inference_steps=p.num_inference_steps,
         sampler_options=OmegaConf.to_container(p.sampler_options, resolve=True) if p.get("sampler_options") else {},
+        max_delay=int(p.get("max_delay") or 0),
     )
 
 
@@ -243,6 +264,8 @@ def train(cfg: DictConfig) -> Path:
 
     policy_config = build_policy_config(cfg, train_set.obs_dim, train_set.action_dim)
     policy = DiffusionPolicy(policy_config)
+    if cfg.get("delay_none_prob") is not None:
+        policy.delay_none_prob = float(cfg.delay_none_prob)
     # Min-max ranges from every demo (held-out included) so no real observation falls outside [-1, 1].
     fitted = PolicyNormalizer.fit(
         torch.cat([train_set.obs] + ([val_set.obs] if val_set else [])),
@@ -310,6 +333,9 @@ def train(cfg: DictConfig) -> Path:
             train_demos=len(train_demos), val_demos=len(val_demos), elapsed_s=round(elapsed, 1),
             stages=stages,
         )
+        if policy_config.delay_conditioned:
+            training_info["delay"] = {"max_delay": policy_config.max_delay, "none_prob": policy.delay_none_prob,
+                                      "known_positions": policy_config.known_positions}
         save_checkpoint(ema.model, out_dir, training=training_info)
         save_training_state(state_dir, policy, ema, optimizer, generator, {
             "step": step, "loss_ema": loss_ema, "elapsed_s": elapsed, "policy_config": policy_config.to_dict(),

@@ -1,6 +1,7 @@
 """Latency benchmark CLI (parapolicy.bench) on a tiny checkpoint and a tiny synthetic dataset."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ from omegaconf import OmegaConf
 from parapolicy.bench import (build_jobs, denoiser_networks, expand_sampler_names, headline, interpolate,
                               predict_latency, twin_name)
 from policy_synthetic import learnable_hdf5, tiny_policy
+from parapolicy.policy.accel import CPU_BACKENDS
 
 
 @pytest.fixture(scope="module")
@@ -129,9 +131,11 @@ def test_bench_cli_writes_bench_json(files, tmp_path):
            "denoiser.repetitions=1", "denoiser.warmup=1", "denoiser.full_size=true",
            "denoiser.full_size_down_dims=[16,32]", "denoiser.full_size_step_embed_dim=16",
            "torch_threads=1", "progress_bar=false", f"out={out}", f"hydra.run.dir={tmp_path / 'hydra'}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "PARAPOLICY_CACHE": str(tmp_path / "cache")}  # exported graphs: not the user's cache
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "speedup over the fastest sequential twin" in proc.stdout and "paraddpm-6+fast" in proc.stdout
+    assert "fast-path backends per shape" in proc.stdout
 
     result = json.loads((out / "bench.json").read_text())
     assert set(result) >= {"meta", "samplers", "windows", "denoiser", "notes", "headline"}
@@ -140,7 +144,7 @@ def test_bench_cli_writes_bench_json(files, tmp_path):
     assert meta["preset"] == "quick" and meta["duration_s"] > 0
     fast_stats = meta["fast_path"]["stats"]
     assert set(fast_stats["backends"]) == {"K1xB1", "K6xB1", "K2xB1"}  # ddpm, paraddpm (window 16 -> 6), window 2
-    assert set(fast_stats["backends"].values()) <= {"eager", "trace"} and fast_stats["warmup_s_total"] > 0
+    assert set(fast_stats["backends"].values()) <= set(CPU_BACKENDS) and fast_stats["warmup_s_total"] > 0
     assert meta["obs_source"].startswith("dataset") and meta["command"].startswith("python -m parapolicy.bench")
     assert any("nosuch" in note for note in result["notes"])
 
@@ -184,7 +188,7 @@ def test_bench_cli_writes_bench_json(files, tmp_path):
     for (net, mode, k), row in den.items():
         assert row["rows"] == row["k"] * row["batch"] and row["latency_ms"]["p50"] > 0
         assert row["per_eval_ms"] == pytest.approx(row["latency_ms"]["p50"] / row["k"])
-        assert (row["backend"] in ("eager", "trace")) if mode == "on" else row["backend"] is None
+        assert (row["backend"] in CPU_BACKENDS) if mode == "on" else row["backend"] is None
     assert den["checkpoint", "off", 1]["throughput_gain"] == pytest.approx(1.0)
     for name in ("latency_vs_batch.png", "latency_vs_window.png", "denoiser_vs_k.png"):
         assert (out / name).stat().st_size > 0

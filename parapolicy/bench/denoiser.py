@@ -39,6 +39,7 @@ def time_denoiser(cfg: DictConfig, networks: list, obs_pool, device, fast_option
     import torch
 
     from parapolicy.policy.accel import FastPath
+    from parapolicy.bench.jobs import mode_backend
 
     dcfg = cfg.denoiser
     ks = sorted({int(k) for k in dcfg.k})
@@ -48,7 +49,10 @@ def time_denoiser(cfg: DictConfig, networks: list, obs_pool, device, fast_option
     for net_name, net in networks:
         pc = net.config
         n_params = num_parameters(net)
-        fast = FastPath(**{**(fast_options or {}), "buckets": ks}) if "on" in modes else None
+        # one FastPath per fast mode: "on" with the bench's options, a backend mode with that backend forced
+        fasts = {mode: FastPath(**{**(fast_options or {}), "buckets": ks,
+                                   **({} if mode == "on" else {"backend": mode_backend(mode)})})
+                 for mode in modes if mode != "off"}
         for batch in [int(b) for b in dcfg.batch_sizes]:
             ok = [k for k in ks if k * batch <= int(dcfg.max_rows)]
             if len(ok) < len(ks):
@@ -63,9 +67,9 @@ def time_denoiser(cfg: DictConfig, networks: list, obs_pool, device, fast_option
             plain = net.make_denoise_fn(cond)
             denoisers = {}
             for mode in modes:
-                if mode == "on":
-                    fast.prepare(net.model, cond, (pc.horizon, pc.action_dim), None)
-                    denoisers[mode] = fast.wrap(plain, cond, net.model, None)
+                if mode != "off":
+                    fasts[mode].prepare(net.model, cond, (pc.horizon, pc.action_dim), None)
+                    denoisers[mode] = fasts[mode].wrap(plain, cond, net.model, None)
                 else:
                     denoisers[mode] = plain
             gen = torch.Generator().manual_seed(int(cfg.seed))
@@ -93,8 +97,8 @@ def time_denoiser(cfg: DictConfig, networks: list, obs_pool, device, fast_option
                 for k in ok:
                     latency = stats(times[mode, k])
                     backend = None
-                    if mode == "on" and device.type == "cpu":
-                        backend = fast.stats.backends.get(f"K{k}xB{batch}")
+                    if mode != "off" and device.type == "cpu":
+                        backend = fasts[mode].stats.backends.get(f"K{k}xB{batch}")
                     rows_out.append({
                         "network": net_name, "down_dims": list(pc.down_dims), "num_parameters": n_params,
                         "fast_path": mode, "backend": backend,
@@ -136,7 +140,7 @@ def predict_latency(row: dict, den_rows: list[dict], network: str = CHECKPOINT) 
     curve = _curve(den_rows, row["fast_path"], row["batch"], network)
     if not curve:
         return None
-    if row["fast_path"] == "on" and row.get("calls_per_bucket"):
+    if row["fast_path"] != "off" and row.get("calls_per_bucket"):
         parts = [n * interpolate(curve, int(b)) for b, n in row["calls_per_bucket"].items()]
         return float(sum(parts))
     rounds = row["rounds_mean"]

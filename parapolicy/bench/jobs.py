@@ -157,23 +157,57 @@ def sampler_settings(label: str, name: str, cfg: DictConfig, default_steps: int,
 
 
 def fast_modes(cfg: DictConfig, device) -> list[str]:
-    """The fast-path modes to run: ``both`` -> [off, on]; ``auto`` -> on for CUDA, off on CPU."""
+    """The fast-path modes to run: ``both`` -> [off, on]; ``auto`` -> on for CUDA, off on CPU; then one
+    mode per entry of ``fast_path_backends`` (``backend_mode``)."""
     mode = str(cfg.fast_path).lower()
     if mode == "both":
-        return ["off", "on"]
-    if mode in ("auto", "none", "null"):
-        return ["on"] if mode == "auto" and device.type == "cuda" else ["off"]
-    if mode in ("on", "true"):
-        return ["on"]
-    if mode in ("off", "false"):
-        return ["off"]
-    raise ValueError(f"fast_path must be both, auto, on or off, got {cfg.fast_path!r}")
+        modes = ["off", "on"]
+    elif mode in ("auto", "none", "null"):
+        modes = ["on"] if mode == "auto" and device.type == "cuda" else ["off"]
+    elif mode in ("on", "true"):
+        modes = ["on"]
+    elif mode in ("off", "false"):
+        modes = ["off"]
+    else:
+        raise ValueError(f"fast_path must be both, auto, on or off, got {cfg.fast_path!r}")
+    for entry in cfg.get("fast_path_backends") or []:
+        name = backend_mode(entry)
+        if name not in modes:
+            modes.append(name)
+    return modes
+
+
+def backend_mode(entry) -> str:
+    """The mode name of one ``fast_path_backends`` entry: a backend (``openvino``) or a list of them,
+    the fastest per shape (``[eager, trace]`` -> ``eager-trace``: the fast path before OpenVINO and ONNX
+    Runtime)."""
+    from parapolicy.policy.accel import CPU_BACKENDS
+
+    names = [str(entry)] if isinstance(entry, str) else [str(n) for n in entry]
+    bad = [n for n in names if n not in CPU_BACKENDS]
+    if bad or not names:
+        raise ValueError(f"fast_path_backends entries must be backends from {list(CPU_BACKENDS)} or lists "
+                         f"of them, got {entry!r}")
+    return "-".join(names)
+
+
+def mode_backend(mode: str):
+    """A FastPath ``backend`` option for a mode: None (its own options) for "on", else the backend(s)."""
+    if mode == "on":
+        return None
+    names = mode.split("-")
+    return names[0] if len(names) == 1 else names
+
+
+def mode_suffix(mode: str) -> str:
+    return FAST_SUFFIX if mode == "on" else f"+{mode}"
 
 
 def build_jobs(cfg: DictConfig, policy, notes: list, modes: tuple = ("off",), fast_policy=None) -> dict[str, list[Job]]:
     """The jobs of the ``samplers`` and ``windows`` phases (twins included), policies built, for every
     fast-path mode in ``modes`` ("off": ``policy``; "on": ``fast_policy``, the same network with a
-    fast path; its jobs are labelled ``+fast``)."""
+    fast path; its jobs are labelled ``+fast``; a backend mode (``fast_modes``): ``fast_policy[mode]``
+    when ``fast_policy`` is a dict of policies by mode, labelled ``+<mode>``)."""
     from parapolicy.samplers import SAMPLERS
 
     twins_cfg = OmegaConf.to_container(cfg.twins, resolve=True) if cfg.twins else {}
@@ -265,16 +299,18 @@ def build_jobs(cfg: DictConfig, policy, notes: list, modes: tuple = ("off",), fa
                 if mode == "off":
                     out.append(job)
                     continue
-                if fast_policy is None:
-                    raise ValueError("fast mode 'on' needs fast_policy")
-                twin = None if job.twin is None else job.twin + FAST_SUFFIX
-                out.append(Job(job.label + FAST_SUFFIX, job.name, job.steps, dict(job.options), twin, job.window,
-                               with_sampler(fast_policy, job.name, job.steps, **job.options), job.default_steps,
-                               "on", job.base, job.twin))
+                mode_policy = fast_policy.get(mode) if isinstance(fast_policy, dict) else fast_policy
+                if mode_policy is None:
+                    raise ValueError(f"fast mode {mode!r} needs fast_policy")
+                suffix = mode_suffix(mode)
+                twin = None if job.twin is None else job.twin + suffix
+                out.append(Job(job.label + suffix, job.name, job.steps, dict(job.options), twin, job.window,
+                               with_sampler(mode_policy, job.name, job.steps, **job.options), job.default_steps,
+                               mode, job.base, job.twin))
         for job in out:
-            job.twin_base = job.twin_base if job.fast == "on" else job.twin
+            job.twin_base = job.twin_base if job.fast != "off" else job.twin
         if "off" not in modes:  # jobs of the plain path were only templates
-            out = [job for job in out if job.fast == "on"]
+            out = [job for job in out if job.fast != "off"]
         phases[phase] = out
     return phases
 

@@ -42,3 +42,49 @@ def format_denoiser_table(rows: list[dict]) -> str:
                      f"{row['throughput_gain']:>6.2f}x")
     return "\n".join(lines)
 
+
+
+def backend_comparison(fast_paths: dict) -> list[dict]:
+    """Per fast mode and shape (``K<bucket>xB<batch>``, ``encoder B<batch>``): the backend picked, every
+    candidate's p50 ms at warm-up (None: dropped, failed or not installed), and the winner's margin over
+    eager and over the runner-up. ``fast_paths``: ``{mode: FastPath}``."""
+    rows = []
+    for mode, fast in fast_paths.items():
+        for shape, picked in fast.stats.backends.items():
+            times = dict(fast.stats.candidates_ms.get(shape, {}))
+            timed = {n: v for n, v in times.items() if v is not None}
+            others = sorted(v for n, v in timed.items() if n != picked)
+            mine = timed.get(picked)
+            rows.append({"mode": mode, "shape": shape, "backend": picked, "candidates_ms": times,
+                         "vs_eager": timed["eager"] / mine if mine and "eager" in timed else None,
+                         "vs_runner_up": others[0] / mine if mine and others else None,
+                         "warmup_s": fast.stats.warmup_s.get(shape)})
+    return rows
+
+
+def format_backends(rows: list[dict]) -> str:
+    names = list(dict.fromkeys(n for row in rows for n in row["candidates_ms"]))
+    header = f"{'mode':<12} {'shape':<11} {'picked':<12} " + " ".join(f"{n:>11}" for n in names) + \
+        f" {'vs eager':>9} {'vs next':>8} {'warm-up s':>9}"
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        cells = []
+        for n in names:
+            value = row["candidates_ms"].get(n, "absent")
+            cells.append(f"{'':>11}" if value == "absent" else f"{'-' if value is None else f'{value:.2f}':>11}")
+        ratio = lambda v: f"{v:.2f}x" if v else "-"  # noqa: E731
+        lines.append(f"{row['mode']:<12} {row['shape']:<11} {row['backend']:<12} " + " ".join(cells) +
+                     f" {ratio(row['vs_eager']):>9} {ratio(row['vs_runner_up']):>8} {row['warmup_s'] or 0:>9.1f}")
+    return "\n".join(lines)
+
+
+def format_vs_eager(rows: list[dict]) -> str:
+    """One line per fast-mode row: its p50 and the plain path's for the same sampler and batch."""
+    lines = []
+    for row in rows:
+        if row.get("speedup_vs_eager") is None:
+            continue
+        lines.append(f"{row['label']:<28} batch {row['batch']}: {row['latency_ms']['p50']:9.1f} ms vs "
+                     f"{row['latency_ms']['p50'] * row['speedup_vs_eager']:9.1f} ms eager: "
+                     f"{row['speedup_vs_eager']:.2f}x")
+    return "\n".join(lines)

@@ -13,12 +13,13 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from parapolicy.bench.denoiser import add_predictions, denoiser_networks, time_denoiser
-from parapolicy.bench.jobs import build_jobs, fast_modes
+from parapolicy.bench.jobs import build_jobs, fast_modes, mode_backend
 from parapolicy.bench.networks import (CHECKPOINT, DP_NETWORKS, build_network, encoder_parameters, network_names,
                                        num_parameters, random_images)
 from parapolicy.bench.observations import load_observations
 from parapolicy.bench.plots import make_plots
-from parapolicy.bench.report import format_denoiser_table, format_headline, format_table
+from parapolicy.bench.report import (backend_comparison, format_backends, format_denoiser_table, format_headline,
+                                     format_table, format_vs_eager)
 from parapolicy.bench.timing import headline, summarize_phase, time_phase
 from parapolicy.policy.checkpoint import resolve_checkpoint
 from parapolicy.devices import device_name, pick_device
@@ -27,7 +28,7 @@ from parapolicy.devices import device_name, pick_device
 def resolve_fast_path(cfg: DictConfig, device) -> Optional[dict]:
     """FastPath options of the fast mode (None when no mode runs the fast path)."""
     options = OmegaConf.to_container(cfg.fast_path_options, resolve=True) if cfg.fast_path_options else {}
-    if "on" not in fast_modes(cfg, device):
+    if all(mode == "off" for mode in fast_modes(cfg, device)):
         if options:
             raise ValueError("fast_path_options need fast_path=on or both (auto uses them only on CUDA)")
         return None
@@ -62,10 +63,13 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict:
     # the policy every sampler row runs: the checkpoint's, or a Diffusion Policy-size network with
     # random weights and the checkpoint's horizon, scheduler and (where the dims match) normaliser
     policy = build_network(network, checkpoint_policy, int(cfg.seed))
-    fast_policy = None
-    if "on" in modes:
-        fast_policy = copy.copy(policy)  # same network; one fast path shared by every fast job
-        fast_policy.fast_path = FastPath(**fast_options)
+    fast_policies = {}  # per fast mode: the same network; one fast path shared by that mode's jobs
+    for mode in modes:
+        if mode != "off":
+            fast_policies[mode] = copy.copy(policy)
+            forced = {} if mode == "on" else {"backend": mode_backend(mode)}
+            fast_policies[mode].fast_path = FastPath(**{**fast_options, **forced})
+    fast_policy = fast_policies.get("on")
     source = None
     if policy.config.obs_dim != checkpoint_policy.config.obs_dim and str(cfg.obs_source) != "random":
         source = "random"  # the checkpoint's observations do not fit this network's conditioning
@@ -77,7 +81,7 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict:
     if images is not None:
         images = {key: value.to(device) for key, value in images.items()}
         notes.append(f"network {network}: random uint8 frames for {', '.join(policy.config.image_keys)}")
-    phases = build_jobs(cfg, policy, notes, modes, fast_policy)
+    phases = build_jobs(cfg, policy, notes, modes, fast_policies)
     networks = denoiser_networks(cfg, checkpoint_policy, (network, policy)) if cfg.denoiser.k else []
     pools = {network: (obs_pool, images)}
     for name, net in networks:  # other networks of the curve with other inputs: random ones
@@ -108,6 +112,7 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict:
                                                pools=pools)
     add_predictions(result, network)
     result["headline"] = headline(result["samplers"]) + headline(result["windows"])
+    result["backends"] = backend_comparison({mode: p.fast_path for mode, p in fast_policies.items()})
 
     fast = fast_policy.fast_path if fast_policy is not None else None
     result["meta"] = {
@@ -136,6 +141,9 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict:
         "batch_sizes": batch_sizes,
         "fast_path_modes": list(modes),
         "fast_path": None if fast is None else {**fast.options(), "stats": fast.stats.as_dict()},
+        "fast_path_modes_stats": {mode: {**p.fast_path.options(), "stats": p.fast_path.stats.as_dict()}
+                                  for mode, p in fast_policies.items()},
+        "runtime_versions": runtime_versions(),
         "jobs": {phase: [job.describe() for job in jobs] for phase, jobs in phases.items()},
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
@@ -156,6 +164,14 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict:
     if result["headline"]:
         print("\nspeedup over the fastest sequential twin (p50 latency per call):")
         print(format_headline(result["headline"]))
+    if result["backends"]:
+        print("\nfast-path backends per shape (p50 ms of each candidate at warm-up; the winner over eager and "
+              "over the runner-up):")
+        print(format_backends(result["backends"]))
+    vs_eager = format_vs_eager(result["samplers"] + result["windows"])
+    if vs_eager:
+        print("\neach fast mode over the same sampler on the plain path (p50):")
+        print(vs_eager)
     if result["samplers"]:
         print("\nsamplers (speedup: vs the twin in the same mode; vs best: vs the twin's fastest mode; model: "
               "rounds x per-call ms from the denoiser curve):")
@@ -170,8 +186,16 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict:
     if result["denoiser"]:
         print("\nbare denoiser, K stacked timesteps per call (gain: K evals vs K calls at the smallest K):")
         print(format_denoiser_table(result["denoiser"]))
-    for note in notes + ([] if fast is None else [f"fast path: {n}" for n in fast.stats.notes]):
+    mode_notes = [f"fast path {mode}: {n}" for mode, p in fast_policies.items() for n in p.fast_path.stats.notes]
+    for note in notes + list(dict.fromkeys(mode_notes)):
         print(f"note: {note}")
     print(f"results: {out_dir}")
     return result
 
+
+
+def runtime_versions() -> dict:
+    """Versions of the optional fast-path runtimes (None: not installed)."""
+    from parapolicy.accel_runtimes import RUNTIMES, library_versions, missing
+
+    return {name: None if missing(name) else library_versions(name) for name in RUNTIMES}

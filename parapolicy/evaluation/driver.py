@@ -49,7 +49,7 @@ def run_eval(cfg: DictConfig, out_dir: Path) -> dict:
     """The whole evaluation; returns the summary dict (also written to ``out_dir/summary.json``)."""
     import torch
 
-    from parapolicy.policy.accel import warm_up
+    from parapolicy.policy.accel import eval_fast_path, warm_up
     from parapolicy.devices import device_name, pick_device
     from parapolicy.evaluation.executors import make_executor
     from parapolicy.evaluation.metrics import format_table, plot_latency
@@ -63,7 +63,8 @@ def run_eval(cfg: DictConfig, out_dir: Path) -> dict:
     device = pick_device(str(cfg.device))
     name, steps, options = sampler_kwargs(cfg.sampler)
     policy = load_policy(str(checkpoint), sampler=name, device=str(device), num_inference_steps=steps,
-                         fast_path=cfg.get("fast_path", "auto"), **options)  # baselines share it (one per network)
+                         fast_path=eval_fast_path(cfg.get("fast_path", "auto"), device),
+                         **options)  # baselines share it (one per network)
     check_policy_fits_task(policy.config, cfg.env.name, checkpoint)
 
     runs = build_runs(policy, specs)  # labels and schedule lengths: plan_runs

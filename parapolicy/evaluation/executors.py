@@ -110,8 +110,10 @@ class EpisodeWorker:
             (folder / name).write_bytes(data)
         device = pick_device(device)
         first = specs[0]
+        from parapolicy.policy.accel import eval_fast_path
+
         policy = load_policy(str(folder), sampler=first.name, device=str(device), num_inference_steps=first.steps,
-                             fast_path=fast_path, **first.options)
+                             fast_path=eval_fast_path(fast_path, device), **first.options)
         self.runs = build_runs(policy, specs)  # the same construction as the driver's
         from parapolicy.policy.accel import warm_up
 

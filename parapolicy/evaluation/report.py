@@ -3,7 +3,8 @@
 
 One row per (run directory, run) of every ``summary.json`` below a folder, with its schedule length
 (``steps``) and timestep spacing; the plot shows p50 speedup over the baseline and success rate
-against tolerance, one line per sampler.
+against whatever the sweep varied (``sweep_axis``: tolerance, steps or window), one line per sampler and
+value of the other varied options; real-time sweeps over latency get their own plot (``plot_realtime``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def collect_rows(folder: Path) -> list[dict]:
                 "dir": str(path.parent.relative_to(folder)) or ".",
                 "env": summary.get("env"),
                 "sampler": label,
+                "sampler_name": sampler_cfg.get("name") if is_sampler else label,
                 "role": role,
                 "num_inference_steps": run_steps(run, summary, is_sampler),
                 "timestep_spacing": run.get("timestep_spacing"),
@@ -74,30 +76,69 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# what a sampler sweep may vary: (row key, axis label, log scale)
+SWEEP_AXES = (("tolerance", "tolerance", True), ("num_inference_steps", "denoising steps", False),
+              ("window", "window", False))
+
+
+def varied_axes(rows: list[dict]) -> list[tuple[str, str, bool]]:
+    """The ``SWEEP_AXES`` that take more than one value among the sampler runs."""
+    samplers = [r for r in rows if r["role"] == "sampler"]
+    return [axis for axis in SWEEP_AXES if len({r[axis[0]] for r in samplers if r[axis[0]] is not None}) > 1]
+
+
+def sweep_axis(rows: list[dict]) -> tuple[str, str, bool]:
+    """The option the plot puts on its x axis: the one that varies most (ties: tolerance, steps, window),
+    else tolerance when runs have one, else steps."""
+    varied = varied_axes(rows)
+    if varied:
+        samplers = [r for r in rows if r["role"] == "sampler"]
+        return max(varied, key=lambda axis: len({r[axis[0]] for r in samplers if r[axis[0]] is not None}))
+    if any(r["role"] == "sampler" and r["tolerance"] is not None for r in rows):
+        return SWEEP_AXES[0]
+    return SWEEP_AXES[1]
+
+
+def plot_series(rows: list[dict]) -> tuple[tuple[str, str, bool], dict[str, list[dict]]]:
+    """(x axis, {line name: sampler rows sorted along it}): one line per sampler and value of the other
+    varied options, so that every line varies only along the axis."""
+    axis = sweep_axis(rows)
+    others = [a for a in varied_axes(rows) if a != axis]
+    series = defaultdict(list)
+    for r in rows:
+        if r["role"] != "sampler" or r[axis[0]] is None:
+            continue
+        name = str(r.get("sampler_name") or r["sampler"])
+        fixed = [f"{label} {r[key]:g}" for key, label, _ in others if r[key] is not None]
+        if axis[0] != "num_inference_steps" and r["num_inference_steps"] is not None and \
+                not any(key == "num_inference_steps" for key, _, _ in others):
+            fixed.append(f"{r['num_inference_steps']} steps")  # in the legend, whether or not the label shows it
+        series[name + (f" ({', '.join(fixed)})" if fixed else "")].append(r)
+    for points in series.values():
+        points.sort(key=lambda r: r[axis[0]])
+    return axis, dict(series)
+
+
 def plot_rows(rows: list[dict], path: Path) -> None:
+    """p50 speedup and success against the swept option (``sweep_axis``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = defaultdict(list)
-    for r in rows:
-        if r["role"] == "sampler" and r["tolerance"] is not None:
-            steps = r["num_inference_steps"]  # in the legend, whether or not the label shows it
-            series[r["sampler"] if steps is None else f"{r['sampler']} ({steps} steps)"].append(r)
+    (key, label, log), series = plot_series(rows)
     fig, (speed_ax, success_ax) = plt.subplots(1, 2, figsize=(10, 4))
     for name, points in series.items():
-        points.sort(key=lambda r: r["tolerance"])
-        tol = [r["tolerance"] for r in points]
+        x = [r[key] for r in points]
         if any(r["speedup_p50"] is not None for r in points):
-            speed_ax.plot(tol, [r["speedup_p50"] or float("nan") for r in points], "o-", label=name)
+            speed_ax.plot(x, [r["speedup_p50"] or float("nan") for r in points], "o-", label=name)
         rate = [r["success_rate"] for r in points]
         err = [[r["success_rate"] - r["success_ci95"][0] for r in points],
                [r["success_ci95"][1] - r["success_rate"] for r in points]]
-        success_ax.errorbar(tol, rate, yerr=err, fmt="o-", capsize=3, label=name)
-    for ax, title, ylabel in ((speed_ax, "p50 latency speedup vs tolerance", "speedup over baseline"),
-                              (success_ax, "success vs tolerance (95% Wilson)", "success rate")):
-        ax.set(xscale="log", xlabel="tolerance", ylabel=ylabel, title=title)
+        success_ax.errorbar(x, rate, yerr=err, fmt="o-", capsize=3, label=name)
+    for ax, title, ylabel in ((speed_ax, f"p50 latency speedup vs {label}", "speedup over baseline"),
+                              (success_ax, f"success vs {label} (95% Wilson)", "success rate")):
+        ax.set(xscale="log" if log else "linear", xlabel=label, ylabel=ylabel, title=title)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()

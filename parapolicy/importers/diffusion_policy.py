@@ -33,6 +33,7 @@ LOWDIM_UNET_POLICY = "DiffusionUnetLowdimPolicy"
 _MIN_SPAN = 1e-4  # parapolicy.policy.normalizer._MIN_RANGE: narrower ranges are treated as flat there
 _DDPM_TARGETS = ("DDPMScheduler",)
 _DDIM_TARGETS = ("DDIMScheduler",)
+_TRANSFORMER_WEIGHTS = ("model.encoder.", "model.decoder.", "model.tok_emb", "model.input_emb.")  # DP-T's network
 _REF = re.compile(r"^\$\{([A-Za-z_][\w.]*)\}$")  # a plain reference, ${a.b}: looked up, nothing evaluated
 
 
@@ -125,7 +126,7 @@ def check_supported(ckpt: DPCheckpoint, weights: Mapping[str, torch.Tensor]) -> 
         raise UnsupportedCheckpointError(
             f"{what}: image / hybrid policies ({name or 'obs_encoder weights'}) are not supported; "
             f"parapolicy imports the low-dim U-Net policy ({LOWDIM_UNET_POLICY}) only")
-    if "transformer" in name.lower() or any(k.startswith(("model.encoder.", "model.decoder.", "model.tok_emb")) for k in keys):
+    if "transformer" in name.lower() or any(k.startswith(_TRANSFORMER_WEIGHTS) for k in keys):
         raise UnsupportedCheckpointError(
             f"{what}: transformer policies ({name or 'TransformerForDiffusion weights'}) are not supported; "
             f"only the U-Net policy {LOWDIM_UNET_POLICY} is")
@@ -379,7 +380,7 @@ def default_weights(ckpt: DPCheckpoint) -> str:
 
 def convert_dp_checkpoint(
     source: str | Path, out: str | Path, weights: str | None = None, overwrite: bool = False,
-    convert_image: Callable[..., Path] | None = None,
+    convert_image: Callable[..., Path] | None = None, convert_transformer: Callable[..., Path] | None = None,
 ) -> Path:
     """DP workspace ``.ckpt`` -> parapolicy checkpoint folder ``out`` (model.safetensors + config.json).
 
@@ -387,6 +388,7 @@ def convert_dp_checkpoint(
     before ``out`` is created; a refused or broken file leaves nothing behind. ``convert_image(ckpt, sd,
     weights_key, source, out)`` takes over image policies (``parapolicy.importers.dp_image``; passed in by
     ``parapolicy.convert``, so that this module does not import it); without it they are refused.
+    ``convert_transformer`` (same arguments) takes over DP-T policies (``parapolicy.importers.dp_transformer``).
     """
     from parapolicy.policy.checkpoint import save_converted
     from parapolicy.policy.diffusion_policy import DiffusionPolicy
@@ -407,7 +409,10 @@ def convert_dp_checkpoint(
     bad = [k for k, v in sd.items() if not torch.is_tensor(v)]
     if bad:
         raise ValueError(f"{what}: state_dicts[{key!r}] entries {bad[:5]} are not tensors")
-    image = "image" in _target(ckpt, "policy._target_").rsplit(".", 1)[-1].lower()
+    name = _target(ckpt, "policy._target_").rsplit(".", 1)[-1].lower()
+    if convert_transformer is not None and ("transformer" in name or any(k.startswith(_TRANSFORMER_WEIGHTS) for k in sd)):
+        return convert_transformer(ckpt, sd, key, source, out)
+    image = "image" in name
     if convert_image is not None and (image or any(k.startswith("obs_encoder.") for k in sd)):
         return convert_image(ckpt, sd, key, source, out)
     check_supported(ckpt, sd)

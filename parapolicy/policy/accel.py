@@ -22,6 +22,13 @@ picked at warm-up by measurement (``backend="auto"``, the default of an explicit
 - ``trace``: ``torch.jit.trace`` at the bucket's shape, ``torch.jit.freeze`` (weights become constants)
   and ``torch.jit.optimize_for_inference`` (oneDNN convolutions, fused ops): fewer Python and dispatcher
   calls per layer, which is most of the cost of a small-batch call on CPU;
+- ``openvino`` / ``onnxruntime``: the model exported to ONNX at the bucket's shape and run by OpenVINO
+  or ONNX Runtime (``parapolicy.accel_runtimes``): fused convolutions and normalisations, no Python
+  per layer. Optional extras (``pip install parapolicy[openvino]`` / ``[onnx]``); a backend whose
+  library is missing is skipped with a note. Exported graphs are cached on disk, keyed by the weights,
+  the architecture, the shape and the library versions (``$PARAPOLICY_CACHE``, default
+  ``~/.cache/parapolicy``), so a second process does not export again. They run on ``threads``
+  intra-op threads (1 by default);
 - ``compile``: ``torch.compile`` (inductor, ``dynamic=False``), only when asked for
   (``compile=True`` or ``backend=[..., "compile"]``): compiling one shape of the Square network took
   177 s on the 2-core CPU here (under load), more than it saves in a typical eval.
@@ -68,6 +75,7 @@ import torch
 from torch import nn
 
 from parapolicy.policy.accel_encoder import EncoderFastPath
+from parapolicy.accel_runtimes import RUNTIMES, RuntimeCache, missing
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -77,7 +85,9 @@ DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
 }
 AUTO_PARALLEL_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # parallel samplers without a `window`
-CPU_BACKENDS = ("eager", "trace", "compile")
+CPU_BACKENDS = ("eager", "trace", "compile", *RUNTIMES)
+# "auto" measures these, in this order (the warm-up budget may stop the later ones on a large network)
+AUTO_BACKENDS = ("eager", "openvino", "onnxruntime", "trace")
 
 
 def choose_bucket(k: int, buckets: Sequence[int]) -> Optional[int]:
@@ -117,11 +127,12 @@ def resolve_buckets(buckets: Any, sampler: Any = None) -> tuple[int, ...]:
 
 
 def resolve_backends(backend: Any, compile: Any = False) -> tuple[str, ...]:
-    """CPU backend candidates, in the order they are tried: ``"auto"`` is (eager, trace) plus compile
-    when ``compile`` asks for it; a name or a list of names from ``CPU_BACKENDS`` is taken as given
-    (eager is always measured too: it is the reference and the fallback)."""
+    """CPU backend candidates, in the order they are tried: ``"auto"`` is ``AUTO_BACKENDS`` (eager,
+    openvino, onnxruntime, trace; a runtime that is not installed is skipped at warm-up with a note)
+    plus compile when ``compile`` asks for it; a name or a list of names from ``CPU_BACKENDS`` is taken
+    as given (eager is always measured too: it is the reference and the fallback)."""
     if backend in (None, "auto"):
-        names = ["eager", "trace"] + (["compile"] if compile else [])
+        names = list(AUTO_BACKENDS) + (["compile"] if compile else [])
     else:
         names = [backend] if isinstance(backend, str) else list(backend)
         bad = [b for b in names if b not in CPU_BACKENDS]
@@ -202,10 +213,13 @@ class FastPath:
         CPU it makes ``compile`` one more backend candidate (see ``backend``).
       warmup: eager calls on a side stream before a capture (default 2); on CPU, untimed calls of each
         backend candidate before it is timed.
-      backend (CPU only): "auto" (default: the faster of eager and trace, plus compile with
-        ``compile=True``, measured per shape), a list from ("eager", "trace", "compile") to measure
-        (eager is always one: the reference and the fallback), or one name to use that backend
-        without timing (still checked against eager; eager if it fails).
+      backend (CPU only): "auto" (default: the fastest of eager, openvino, onnxruntime and trace, plus
+        compile with ``compile=True``, measured per shape), a list from ("eager", "trace", "compile",
+        "openvino", "onnxruntime") to measure (eager is always one: the reference and the fallback), or
+        one name to use that backend without timing (still checked against eager; eager if it fails).
+      threads: intra-op threads of the openvino / onnxruntime backends (default 1).
+      cache_dir: where their exported graphs are kept (default ``$PARAPOLICY_CACHE``, else
+        ``~/.cache/parapolicy``).
       atol: the largest |difference| from eager a CPU backend may show at warm-up (default 1e-5).
       timing_calls: timed calls per CPU backend candidate at warm-up (median taken; default 7).
       warmup_budget_s: seconds of backend warm-up per shape after which no further candidate is
@@ -215,7 +229,7 @@ class FastPath:
     def __init__(self, *, buckets: Any = "auto", pad: Any = "auto", overflow: str = "fallback",
                  cuda_graph: Any = "auto", dtype: Any = "float32", compile: Any = False, warmup: int = 2,
                  backend: Any = "auto", atol: float = 1e-5, timing_calls: int = 7,
-                 warmup_budget_s: float = 30.0):
+                 warmup_budget_s: float = 30.0, threads: int = 1, cache_dir: Optional[str] = None):
         if pad not in ("auto", True, False):
             raise ValueError(f"pad must be 'auto', true or false, got {pad!r}")
         if overflow not in ("fallback", "error"):
@@ -228,6 +242,8 @@ class FastPath:
             raise ValueError(f"compile must be false, true or a torch.compile mode, got {compile!r}")
         if isinstance(timing_calls, bool) or not isinstance(timing_calls, int) or timing_calls < 1:
             raise ValueError(f"timing_calls must be an integer >= 1, got {timing_calls!r}")
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
         if not float(atol) > 0 or not float(warmup_budget_s) > 0:
             raise ValueError(f"atol and warmup_budget_s must be > 0, got {atol!r}, {warmup_budget_s!r}")
         self.backend = backend if backend in (None, "auto") else (
@@ -249,6 +265,9 @@ class FastPath:
         self._model_key = None
         self._compiled: Optional[Callable] = None
         self._token = 0
+        self.threads = threads
+        self.cache_dir = None if cache_dir is None else str(cache_dir)
+        self.runtimes = RuntimeCache(self.cache_dir, threads)  # openvino / onnxruntime: exports and disk cache
         self.encoder = EncoderFastPath(self)  # an image policy's observation encoder (parapolicy.policy.accel_encoder)
 
     # ------------------------------------------------------------------ public
@@ -257,7 +276,7 @@ class FastPath:
                 else list(self.buckets), "pad": self.pad, "overflow": self.overflow, "cuda_graph": self.cuda_graph,
                 "dtype": str(self.dtype).replace("torch.", ""), "compile": self.compile, "warmup": self.warmup,
                 "backend": self.backend or "auto", "atol": self.atol, "timing_calls": self.timing_calls,
-                "warmup_budget_s": self.warmup_budget_s}
+                "warmup_budget_s": self.warmup_budget_s, "threads": self.threads, "cache_dir": self.cache_dir}
 
     def reset(self) -> None:
         """Drop every buffer, graph and compiled function (they are rebuilt on the next call)."""
@@ -406,6 +425,8 @@ class FastPath:
         if name == "compile":
             mode = "default" if self.compile in (False, True, None) else str(self.compile)
             return torch.compile(model, mode=mode, dynamic=False)
+        if name in RUNTIMES:
+            return self.runtimes.build(name, model, inputs)
         raise ValueError(f"unknown backend {name!r}")
 
     def _select_backend(self, model: nn.Module, runner: _Runner, bucket: int, batch: int) -> None:
@@ -419,10 +440,10 @@ class FastPath:
                  torch.randn(runner.cond.shape, generator=gen, device=runner.x.device))
         candidates = self.backends
         if self.dtype != torch.float32 and len(candidates) > 1:
-            self.stats.notes.append(f"{shape}: dtype {self.dtype} runs eagerly under autocast (no trace / compile)")
+            self.stats.notes.append(f"{shape}: dtype {self.dtype} runs eagerly under autocast (no graph backend)")
             candidates = ("eager",)
         if self.pad is False and len(candidates) > 1:  # a graph backend needs the bucket's fixed shape
-            self.stats.notes.append(f"{shape}: pad=False runs eagerly (trace / compile need the padded bucket)")
+            self.stats.notes.append(f"{shape}: pad=False runs eagerly (graph backends need the padded bucket)")
             candidates = ("eager",)
         runner.backend, runner.fn = self.pick_backend(shape, model, inputs, probe, candidates)
 
@@ -436,6 +457,12 @@ class FastPath:
         timings: dict[str, Optional[float]] = {}
         built: dict[str, Callable] = {}
         for name in candidates:
+            reason = missing(name) if name in RUNTIMES else None
+            if reason:  # an optional extra that is not installed: a note, never an error
+                if reason not in self.stats.notes:
+                    self.stats.notes.append(reason)
+                timings[name] = None
+                continue
             if name != "eager" and time.perf_counter() - start > self.warmup_budget_s:
                 self.stats.notes.append(f"{shape}: {name} skipped, warm-up budget of {self.warmup_budget_s:g} s spent")
                 timings[name] = None
@@ -564,6 +591,16 @@ def make_fast_path(enabled: Any = True, **options: Any) -> Any:
     return FastPath(**options)
 
 
+def eval_fast_path(mode: Any, device: Any) -> Any:
+    """The fast path an evaluation asks for with ``mode`` (its ``fast_path`` setting) on ``device``:
+    "auto" turns it on on CPU when OpenVINO or ONNX Runtime is installed (they beat eager and
+    TorchScript on the CPU here: benchmarks/RESULTS.md, issue #36), else stays "auto" (CUDA graphs on
+    CUDA, the plain path on CPU); any other value is returned as it is."""
+    if mode != "auto" or torch.device(device).type != "cpu":
+        return mode
+    return True if any(missing(name) is None for name in RUNTIMES) else mode
+
+
 def apply_fast_path(policy: Any, denoise: Denoiser, global_cond: torch.Tensor) -> Denoiser:
     """What ``DiffusionPolicy.predict_action`` calls: wrap ``denoise`` per ``policy.fast_path``.
 
@@ -629,5 +666,5 @@ def warm_up(policy: Any, batch_size: int = 1) -> dict:
         global_cond = global_condition(policy, obs, frames)  # CPU: picks the encoder's backend for this batch
     else:
         global_cond = norm.normalize(obs).flatten(1)
-    backends = fast.prepare(policy.model, global_cond, (cfg.horizon, cfg.action_dim), policy.sampler)
+    backends = fast.prepare(policy.model, global_cond, (cfg.horizon, cfg.sample_dim), policy.sampler)
     return {"backends": backends, "warmup_s": sum(fast.stats.warmup_s.values()) - before}

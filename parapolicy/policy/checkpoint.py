@@ -99,6 +99,8 @@ def save_checkpoint(policy: DiffusionPolicy, folder: str | Path, training: Mappi
 
     ``training``: provenance such as dataset path / sha256, iterations, final loss.
     """
+    from parapolicy.policy.networks import network_description
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cfg = policy.config
@@ -107,7 +109,7 @@ def save_checkpoint(policy: DiffusionPolicy, folder: str | Path, training: Mappi
         "format_version": FORMAT_VERSION,
         "env": cfg.env,
         "policy": cfg.to_dict(),
-        "network": {"class": "ConditionalUnet1D", **cfg.network_kwargs()},
+        "network": network_description(cfg),
         "scheduler": {"class": type(policy.noise_scheduler).__name__, **policy.scheduler_config},
         "sampler": {"name": cfg.sampler, "num_inference_steps": cfg.num_inference_steps, **cfg.sampler_options},
         "num_parameters": sum(p.numel() for p in policy.model.parameters()),

@@ -45,6 +45,12 @@ class DiffusionPolicyConfig:
     kernel_size: int = 5
     n_groups: int = 8
     diffusion_step_embed_dim: int = 128
+    # The denoising network: {} is the ConditionalUnet1D sized above; {"class": "TransformerForDiffusion",
+    # ...} is Diffusion Policy's transformer (its options: parapolicy.policy.networks).
+    network: dict[str, Any] = field(default_factory=dict)
+    # DP's pred_action_steps_only (transformer only): the network plans just the actions it returns
+    # (horizon = n_action_steps + n_latency_steps), so execution starts after the latency steps.
+    pred_action_steps_only: bool = False
     # DDPM training noise schedule (diffusers DDPMScheduler arguments).
     num_train_timesteps: int = 100
     beta_schedule: str = "squaredcos_cap_v2"
@@ -54,6 +60,10 @@ class DiffusionPolicyConfig:
     sampler: str = "ddpm"
     num_inference_steps: int = 100
     sampler_options: dict[str, Any] = field(default_factory=dict)
+    # Trained for delay (``transition=trained``): > 0 when the network also sees the actions the robot
+    # commits to before the chunk can take over (positions ``[0, action_start + d)``, d <= max_delay)
+    # as clean values with a known-position mask in its global conditioning. 0: an ordinary policy.
+    max_delay: int = 0
 
     def __post_init__(self) -> None:
         self.obs_keys = list(self.obs_keys)
@@ -64,6 +74,7 @@ class DiffusionPolicyConfig:
             raise ValueError(f"image_shape must be [3, H, W], got {self.image_shape}")
         check_action_space(self.action_space, self.action_dim)
         self.down_dims = [int(d) for d in self.down_dims]
+        self.network = dict(self.network)
         self.sampler_options = dict(self.sampler_options)
         if self.n_obs_steps < 1 or self.n_action_steps < 1:
             raise ValueError("n_obs_steps and n_action_steps must be >= 1")
@@ -77,16 +88,37 @@ class DiffusionPolicyConfig:
                 f"starting at index {self.action_start}"
             )
         levels = len(self.down_dims) - 1
-        if self.horizon % (2**levels):
+        if self.uses_unet and self.horizon % (2**levels):
             raise ValueError(f"horizon {self.horizon} must be divisible by 2**{levels} for down_dims {self.down_dims}")
-        if any(d % self.n_groups for d in self.down_dims):
+        if isinstance(self.max_delay, bool) or not isinstance(self.max_delay, int) or self.max_delay < 0:
+            raise ValueError(f"max_delay must be an integer >= 0, got {self.max_delay!r}")
+        if self.max_delay and self.action_start + 1 > self.horizon - 1:
+            raise ValueError(f"horizon {self.horizon} leaves no position to plan after the committed ones")
+        if self.uses_unet and any(d % self.n_groups for d in self.down_dims):
             raise ValueError(f"every down_dims entry must be divisible by n_groups={self.n_groups}")
+        from parapolicy.policy.networks import check_network
+
+        check_network(self)
 
     @property
     def action_start(self) -> int:
         """Index of the first executed action in the predicted sequence: DP's ``start`` (n_obs_steps - 1
         with ``oa_step_convention``, else n_obs_steps) plus the ``n_latency_steps`` its runner skips."""
+        if self.pred_action_steps_only:  # the chunk holds only the latency steps and the executed ones
+            return self.n_latency_steps
         return self.n_obs_steps - (1 if self.oa_step_convention else 0) + self.n_latency_steps
+
+    @property
+    def uses_unet(self) -> bool:
+        return self.network.get("class", "ConditionalUnet1D") == "ConditionalUnet1D"
+
+    @property
+    def sample_dim(self) -> int:
+        """Channels of the sampled sequence: ``action_dim`` (plus the observation features of DP's
+        inpainting transformer, see parapolicy.policy.networks)."""
+        from parapolicy.policy.networks import sample_dim
+
+        return sample_dim(self)
 
     @property
     def feature_dim(self) -> int:
@@ -94,8 +126,30 @@ class DiffusionPolicyConfig:
         return len(self.image_keys) * int(self.vision.get("feature_dim", 64)) + self.obs_dim
 
     @property
-    def global_cond_dim(self) -> int:
+    def obs_cond_dim(self) -> int:
+        """The observation part of the global conditioning: ``feature_dim`` per observation step."""
         return self.feature_dim * self.n_obs_steps
+
+    @property
+    def delay_conditioned(self) -> bool:
+        return self.max_delay > 0
+
+    @property
+    def known_positions(self) -> int:
+        """How many leading chunk positions a delay-conditioned network can be told (0 otherwise):
+        ``action_start + max_delay``, leaving at least one position to plan."""
+        if not self.delay_conditioned:
+            return 0
+        return min(self.action_start + self.max_delay, self.horizon - 1)
+
+    @property
+    def known_cond_dim(self) -> int:
+        """Columns of the known-actions conditioning: ``known_positions`` actions, then their mask."""
+        return self.known_positions * (self.action_dim + 1)
+
+    @property
+    def global_cond_dim(self) -> int:
+        return self.obs_cond_dim + self.known_cond_dim
 
     def network_kwargs(self) -> dict[str, Any]:
         return dict(

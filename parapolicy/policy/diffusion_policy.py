@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from parapolicy.observation import camera_frames, flatten_observation
 from parapolicy.policy.configuration import DiffusionPolicyConfig
 from parapolicy.policy.normalizer import PolicyNormalizer
-from parapolicy.policy.unet import ConditionalUnet1D
+from parapolicy.policy.networks import build_network
 
 
 
@@ -37,7 +37,7 @@ class DiffusionPolicy(nn.Module):
         from diffusers import DDPMScheduler
 
         self.config = config
-        self.model = ConditionalUnet1D(**config.network_kwargs())
+        self.model = build_network(config)  # config.network: the U-Net or DP's transformer
         self.normalizer = PolicyNormalizer(config.obs_dim, config.action_dim)
         # image policies: camera frames (+ the normalised low-dim vector) -> per-step features
         self.obs_encoder = build_obs_encoder(config) if config.image_keys else None
@@ -118,6 +118,9 @@ class DiffusionPolicy(nn.Module):
     def compute_loss(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
         """DDPM epsilon loss on raw batch ``obs [B, n_obs_steps, obs_dim]``, ``action [B, horizon, A]``
         (image policies: ``images`` {key: uint8 ``[B, n_obs_steps, 3, H, W]``})."""
+        if self.config.sample_dim != self.config.action_dim or self.config.pred_action_steps_only:
+            raise ValueError("DP's inpainting (obs_as_cond=False) and pred_action_steps_only transformers are "
+                             "trained with Diffusion Policy and imported (python -m parapolicy.convert)")
         global_cond = self.global_condition(batch["obs"], batch.get("images"))
         actions = self.normalizer.action.normalize(batch["action"])
         batch_size = actions.shape[0]
@@ -126,6 +129,13 @@ class DiffusionPolicy(nn.Module):
         timesteps = torch.randint(
             self.noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator, device=gen_device
         ).to(actions.device)
+        learned = None  # [B, H] 1 where the loss counts
+        if self.config.delay_conditioned:
+            # training for delay: each window gets its own committed prefix, given clean, not learned
+            lengths = self.draw_known_lengths(batch_size, generator, gen_device).to(actions.device)
+            global_cond = torch.cat([global_cond, self.known_condition(actions, lengths)], dim=-1)
+            positions = torch.arange(actions.shape[1], device=actions.device)
+            learned = (positions[None] >= lengths[:, None]).to(actions.dtype)
         noisy = self.noise_scheduler.add_noise(actions, noise, timesteps)
         pred = self.model(noisy, timesteps, global_cond)
         if self.config.prediction_type == "epsilon":
@@ -134,10 +144,47 @@ class DiffusionPolicy(nn.Module):
             target = actions
         else:
             raise ValueError(f"unsupported prediction_type {self.config.prediction_type!r}")
-        return F.mse_loss(pred, target)
+        if learned is None:
+            return F.mse_loss(pred, target)
+        per_position = (pred - target).pow(2).mean(dim=-1)  # [B, H]
+        return (per_position * learned).sum() / learned.sum()
+
+    # Training for delay: the share of windows told nothing (an episode's first chunk, sync control).
+    delay_none_prob = 0.1
+
+    def draw_known_lengths(self, batch: int, generator: torch.Generator | None = None,
+                           device: torch.device | str = "cpu") -> torch.Tensor:
+        """``[B]`` committed prefix lengths for training: ``action_start + d`` with d uniform in
+        ``[0, max_delay]`` (capped at ``known_positions``), or 0 with probability ``delay_none_prob``."""
+        cfg = self.config
+        delay = torch.randint(cfg.max_delay + 1, (batch,), generator=generator, device=device)
+        none = torch.rand((batch,), generator=generator, device=device) < self.delay_none_prob
+        lengths = (cfg.action_start + delay).clamp(max=cfg.known_positions)
+        return torch.where(none, torch.zeros_like(lengths), lengths)
+
+    def known_condition(self, actions: torch.Tensor | None, lengths: torch.Tensor | int) -> torch.Tensor:
+        """The known-actions conditioning ``[B, known_cond_dim]`` of a delay-conditioned policy.
+
+        actions ``[B, L, A]`` normalised (L >= the largest length; None when nothing is known), lengths
+        ``[B]`` or one int: how many leading positions are known. Layout: the first ``known_positions``
+        actions with unknown ones zeroed (``[P * A]``, position-major), then the mask ``[P]``.
+        """
+        cfg = self.config
+        P, A = cfg.known_positions, cfg.action_dim
+        if actions is None:
+            batch = int(lengths.shape[0]) if torch.is_tensor(lengths) else 1
+            return torch.zeros((batch, P * (A + 1)), device=self.device)
+        batch = actions.shape[0]
+        lengths = torch.as_tensor(lengths, device=actions.device).reshape(-1).expand(batch).clamp(max=P)
+        values = torch.zeros((batch, P, A), device=actions.device, dtype=actions.dtype)
+        width = min(P, actions.shape[1])
+        values[:, :width] = actions[:, :width]
+        mask = (torch.arange(P, device=actions.device)[None] < lengths[:, None]).to(actions.dtype)  # [B, P]
+        return torch.cat([(values * mask[..., None]).flatten(1), mask], dim=-1)
 
     def global_condition(self, obs_history: torch.Tensor, images: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """The U-Net's conditioning ``[B, n_obs_steps * feature_dim]`` from raw ``obs_history [B, T, obs_dim]``
+        """The U-Net's observation conditioning ``[B, n_obs_steps * feature_dim]`` (a delay-conditioned
+        policy appends ``known_condition`` to it) from raw ``obs_history [B, T, obs_dim]``
         and, for image policies, ``images`` {key: ``[B, T, 3, H, W]``, uint8 0..255 or float 0..1}: the
         observation encoder runs once per step of every history (DP's layout: step-major features)."""
         nobs = self.normalizer.obs.normalize(obs_history)
@@ -225,6 +272,7 @@ class DiffusionPolicy(nn.Module):
         prefix_weights: torch.Tensor | None = None,
         prefix_noise: torch.Tensor | None = None,
         images: Mapping[str, torch.Tensor] | None = None,
+        prefix_mode: str = "auto",
     ) -> dict[str, Any]:
         """Plan actions for a batch of observation histories.
 
@@ -245,6 +293,11 @@ class DiffusionPolicy(nn.Module):
         the same problem as sequential ones), and on the final chunk. ``prefix_weights`` ``[B, L]`` or
         ``[L]`` in [0, 1] (default 1: imposed exactly) blend them with the model's values instead.
         See ``parapolicy.samplers.constraints``.
+
+        ``prefix_mode``: "inpaint" imposes the prefix only; "trained" (a delay-conditioned policy,
+        ``config.max_delay > 0``, and a hard prefix) also gives it to the network as known clean actions,
+        as it was trained; "auto" (default) is "trained" where that applies, else "inpaint". A
+        delay-conditioned policy called without a prefix is told that nothing is known.
 
         ``images`` (image policies): {camera key: ``[B, n_obs_steps, 3, H, W]``, uint8 or float in [0, 1]};
         encoded once per call, before sampling (``encode_ms`` in the result; ``sample_ms`` is the rest).
@@ -267,8 +320,16 @@ class DiffusionPolicy(nn.Module):
             global_cond = global_condition(self, obs_history, images)
         else:
             global_cond = self.global_condition(obs_history, images)  # [B, n_obs_steps * feature_dim], once per call
+        if cfg.delay_conditioned:
+            known = self._known_for_call(prefix, prefix_weights, prefix_mode, batch)
+            global_cond = torch.cat([global_cond, known], dim=-1)
+        elif prefix_mode == "trained":
+            raise ValueError("prefix_mode='trained' needs a policy trained for delay (config max_delay > 0, "
+                             "e.g. checkpoints/square_delay); this one was not: use prefix_mode='inpaint'")
+        elif prefix_mode not in ("auto", "inpaint"):
+            raise ValueError(f"prefix_mode must be 'auto', 'inpaint' or 'trained', got {prefix_mode!r}")
         encode_end = _now(self.device)
-        shape = (batch, cfg.horizon, cfg.action_dim)
+        shape = (batch, cfg.horizon, cfg.sample_dim)
         if x_T is None:
             gen_device = generator.device if generator is not None else self.device
             x_T = torch.randn(shape, generator=generator, device=gen_device)
@@ -298,7 +359,7 @@ class DiffusionPolicy(nn.Module):
             init = sampler.guess_trajectory(x_T, guess, noise, rule=self.warm_start_rule)
         out = sampler.sample(denoise, x_T, noise=noise, generator=generator, init=init)
         sample = out.sample if constraint is None else constraint.finish(out.sample)
-        action_pred = self.normalizer.action.unnormalize(sample)
+        action_pred = self.normalizer.action.unnormalize(sample[..., : cfg.action_dim])  # inpainted obs dropped
         start = cfg.action_start
         return {
             "action": action_pred[:, start : start + cfg.n_action_steps],
@@ -313,11 +374,28 @@ class DiffusionPolicy(nn.Module):
             "sample_ms": (_now(self.device) - encode_end) * 1e3,
         }
 
+    def _known_for_call(self, prefix, weights, mode: str, batch: int) -> torch.Tensor:
+        """A delay-conditioned policy's known-actions conditioning ``[B, known_cond_dim]`` for one call."""
+        if mode not in ("auto", "inpaint", "trained"):
+            raise ValueError(f"prefix_mode must be 'auto', 'inpaint' or 'trained', got {mode!r}")
+        hard = prefix is not None and (weights is None or bool((torch.as_tensor(weights) == 1).all()))
+        if mode == "trained" and not hard:
+            raise ValueError("prefix_mode='trained' needs a prefix known exactly (prefix_weights None or all 1)")
+        if mode == "inpaint" or not hard:
+            return self.known_condition(None, torch.zeros(batch, dtype=torch.long))
+        prefix = torch.as_tensor(prefix, dtype=torch.float32, device=self.device)
+        if prefix.ndim != 3 or prefix.shape[0] != batch or prefix.shape[2] != self.config.action_dim:
+            raise ValueError(f"prefix must have shape [B={batch}, L, {self.config.action_dim}], got {list(prefix.shape)}")
+        return self.known_condition(self.normalizer.action.normalize(prefix), prefix.shape[1])
+
     def _prefix_constraint(self, prefix, weights, eta, batch: int, generator):
         """``predict_action``'s prefix arguments, checked and normalised -> a ``PrefixConstraint``."""
         from parapolicy.samplers.constraints import PrefixConstraint
 
         cfg = self.config
+        if cfg.sample_dim != cfg.action_dim:
+            raise ValueError("prefix constraints need a policy that samples actions only; this transformer also "
+                             "samples in-painted observations (obs_as_cond=False)")
         prefix = torch.as_tensor(prefix, dtype=torch.float32, device=self.device)
         if prefix.ndim != 3 or prefix.shape[0] != batch or prefix.shape[2] != cfg.action_dim or not (
                 1 <= prefix.shape[1] <= cfg.horizon):

@@ -32,6 +32,7 @@ import math
 import threading
 import time
 from collections import deque
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import numpy as np
@@ -41,7 +42,7 @@ from parapolicy.realtime.planner import BatchPlanner
 from parapolicy.realtime.schedule import ChunkSchedule
 from parapolicy.realtime.transitions import Transition, forecast_history
 
-DEFAULT_TRANSITION = "forecast"  # the best measured (benchmarks/RESULTS.md, "Real time")
+DEFAULT_TRANSITION = "auto"  # by policy: trained, else forecast (state) or naive (cameras); see transitions
 
 
 class AsyncPolicy:
@@ -70,7 +71,6 @@ class AsyncPolicy:
         self.policy = policy
         self.control_hz = float(control_hz)
         self.control_period_s = 1.0 / self.control_hz
-        self.transition = Transition.parse(transition)
         self.clock = clock
         self._remote = not hasattr(policy, "predict_action")
         normalizer = getattr(getattr(policy, "normalizer", None), "obs", None)  # forecasts stay in its range
@@ -87,6 +87,10 @@ class AsyncPolicy:
         self.obs_dim = int(meta["obs_dim"]) if self._remote else int(cfg.obs_dim)
         self.image_shape = (meta.get("image_shape") if self._remote else getattr(cfg, "image_shape", None))
         self.start = self.n_obs_steps - 1
+        described = cfg if cfg is not None else SimpleNamespace(max_delay=int(meta.get("max_delay") or 0),
+                                                                image_keys=self.image_keys)
+        self.transition = Transition.parse(transition, described)
+        self.transition.check_policy(described)
         n_action_steps = int(meta["n_action_steps"]) if self._remote else cfg.n_action_steps
         horizon = n_action_steps if execution_horizon is None else execution_horizon
         if isinstance(horizon, bool) or not isinstance(horizon, int) or not 1 <= horizon <= self.horizon - self.start:
@@ -293,6 +297,7 @@ class AsyncPolicy:
                 torch.from_numpy(job["history"])[None], [self._generator], m, images=images,
                 prefix=None if job["prefix"] is None else job["prefix"][None],
                 prefix_weights=None if job["weights"] is None else job["weights"][None],
+                prefix_mode=self.transition.prefix_mode,
                 warm_from=job["warm_from"] if warm else None, warm_shift=job["warm_shift"] if warm else None)
             chunks, plan_ms = plan.chunks[0], plan.latency_ms
         pick = self.schedule.pick(chunks, job["known"], job["d"])

@@ -86,13 +86,14 @@ class BatchPlanner:
 
     def plan(self, obs_history: torch.Tensor | np.ndarray, generators: list[torch.Generator], candidates: int = 1, *,
              images: dict[str, Any] | None = None, prefix: np.ndarray | None = None,
-             prefix_weights: np.ndarray | None = None, warm_from: torch.Tensor | None = None,
+             prefix_weights: np.ndarray | None = None, prefix_mode: str | None = None,
+             warm_from: torch.Tensor | None = None,
              warm_shift: int | None = None, shadow=None) -> Plan:
         """Plan ``candidates`` chunks for each of B robots.
 
         obs_history ``[B, n_obs_steps, obs_dim]``; generators: one per robot; images: ``{key: [B, n_obs_steps,
         3, H, W]}``; prefix ``[B, L, A]`` and prefix_weights ``[B, L]`` (raw units; None: no prefix, or
-        exact); warm_from ``[B, H, A]``: each robot's previous sample, shifted ``warm_shift`` steps.
+        exact), imposed as ``prefix_mode`` says (``predict_action``'s; None: its default); warm_from ``[B, H, A]``: each robot's previous sample, shifted ``warm_shift`` steps.
         Every per-robot input is repeated for its candidates. ``shadow``: a second policy planned on the
         same inputs and noise, without warm start.
         """
@@ -109,6 +110,8 @@ class BatchPlanner:
             if prefix_weights is not None:
                 shared["prefix_weights"] = torch.as_tensor(prefix_weights).repeat_interleave(m, dim=0)
             shared["prefix_noise"] = draw_prefix_noise(generators, m, int(prefix.shape[1]), cfg.action_dim)
+            if prefix_mode is not None:
+                shared["prefix_mode"] = prefix_mode
         warm = {"warm_from": None if warm_from is None else warm_from.repeat_interleave(m, dim=0),
                 "warm_shift": warm_shift}
         result, latency_ms = self._timed(self.policy, history, {**kwargs, **warm, **shared})

@@ -97,8 +97,9 @@ class PolicyRunner:
         self.timing = timing
         self.latency = latency if isinstance(latency, LatencyModel) else LatencyModel.parse(
             latency, label, getattr(policy, "sampler_name", None))
-        self.transition = Transition.parse(transition)
         cfg = policy.config
+        self.transition = Transition.parse(transition, cfg)
+        self.transition.check_policy(cfg)
         horizon = execution_horizon if execution_horizon is not None else cfg.n_action_steps
         if isinstance(horizon, bool) or not isinstance(horizon, int) or not 1 <= horizon <= cfg.horizon - cfg.action_start:
             raise ValueError(f"execution_horizon must be an integer in [1, {cfg.horizon - cfg.action_start}] "
@@ -214,8 +215,8 @@ class PolicyRunner:
                     warm_shift = None
             try:
                 plan = self.planner.plan(obs_history, [generators[i] for i in idx], m, images=images, prefix=prefix,
-                                         prefix_weights=weights, warm_from=warm_from, warm_shift=warm_shift,
-                                         shadow=self.shadow)
+                                         prefix_weights=weights, prefix_mode=self.transition.prefix_mode,
+                                         warm_from=warm_from, warm_shift=warm_shift, shadow=self.shadow)
                 result, latency_ms = plan.result, plan.latency_ms
                 call = {"latency_ms": latency_ms, "batch": int(len(idx)), "rounds": int(result["rounds"]),
                         "model_evals": int(result["model_evals"]), "converged": bool(result["converged"])}

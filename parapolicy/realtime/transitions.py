@@ -16,10 +16,18 @@ Transitions (``transition=<name>``):
 - ``bid``: plan ``candidates`` chunks at once (one batched call) and keep the one closest to the actions
   the robot executes before and during planning (bidirectional decoding's backward coherence).
 - ``bid_prefix``: both.
+- ``trained``: ``prefix`` for a policy trained for delay (``config.max_delay > 0``): the committed
+  positions ``[0, start + d)`` are also given to the network as known clean actions, as in training
+  (``predict_action(prefix_mode="trained")``), so the new chunk continues what the robot does. A policy
+  that was not trained for delay refuses it.
 - ``forecast``: plan from the observations extrapolated ``d`` steps ahead at the robot's current velocity
   (constant-velocity latency compensation; every observation dimension, so a grasped object moves with the
   hand and a resting one stays), and run the new chunk from its position ``start`` when it lands: the
   chunk is planned for the moment it takes over instead of for the moment it was requested.
+
+``auto`` (the eval's and ``AsyncPolicy``'s default) picks by policy: ``trained`` for a policy trained for
+delay, ``forecast`` for a state policy, ``naive`` for one that sees cameras (forecasting its proprioception
+against stale frames cost the Lift image policy 10 of 30 successes at d = 4; ``timing=hold`` kept 30 of 30).
 
 A name may carry its one option after a colon: ``bid:16`` (candidates), ``ensemble:0.5`` (blend).
 """
@@ -31,7 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-TRANSITIONS = ("naive", "prefix", "rtc", "ensemble", "bid", "bid_prefix", "forecast")
+TRANSITIONS = ("naive", "prefix", "rtc", "ensemble", "bid", "bid_prefix", "forecast", "trained")
 DEFAULT_CANDIDATES = 8  # bid, bid_prefix: chunks planned per call when the name gives no number
 DEFAULT_BLEND = 0.3  # ensemble: the old chunk's weight over the overlap when the name gives none
 
@@ -43,14 +51,23 @@ class Transition:
     candidates: int = 1
     blend: float = 0.0  # weight of the old chunk over the overlap
     forecast: bool = False  # plan from observations extrapolated to the moment the chunk takes over
+    trained: bool = False  # the prefix is also the network's known-actions input (a delay-conditioned policy)
 
     @classmethod
-    def parse(cls, spec) -> "Transition":
+    def parse(cls, spec, config=None) -> "Transition":
+        """The transition named by ``spec``; ``auto`` needs the policy's ``config`` to choose (without it,
+        ``auto`` parses as itself, for checking a config before the policy is loaded)."""
         if isinstance(spec, Transition):
-            return spec
+            spec = spec.name
         name, _, option = str(spec).strip().partition(":")
+        if name == "auto":
+            if option:
+                raise ValueError(f"transition 'auto' takes no option, got {spec!r}")
+            if config is None:
+                return cls("auto")
+            return cls.parse(auto_transition(config))
         if name not in TRANSITIONS:
-            raise ValueError(f"unknown transition {spec!r}; choose one of {', '.join(TRANSITIONS)} "
+            raise ValueError(f"unknown transition {spec!r}; choose auto or one of {', '.join(TRANSITIONS)} "
                              f"(bid:<candidates>, ensemble:<old weight>)")
         candidates, blend = 1, 0.0
         if name in ("bid", "bid_prefix"):
@@ -70,8 +87,27 @@ class Transition:
                     raise ValueError(f"transition {spec!r}: the old chunk's weight after ':' must be in [0, 1]")
         elif option:
             raise ValueError(f"transition {name!r} takes no option, got {spec!r}")
-        prefix = {"prefix": "hard", "bid_prefix": "hard", "rtc": "soft"}.get(name, "none")
-        return cls(str(spec).strip(), prefix, candidates, blend, forecast=name == "forecast")
+        prefix = {"prefix": "hard", "bid_prefix": "hard", "rtc": "soft", "trained": "hard"}.get(name, "none")
+        return cls(str(spec).strip(), prefix, candidates, blend, forecast=name == "forecast", trained=name == "trained")
+
+    @property
+    def prefix_mode(self) -> str:
+        """``predict_action``'s ``prefix_mode`` for this transition's prefix."""
+        return "trained" if self.trained else "inpaint"
+
+    def check_policy(self, config) -> None:
+        """Refuse a transition the policy cannot take: ``trained`` needs a policy trained for delay."""
+        if self.trained and not getattr(config, "max_delay", 0):
+            raise ValueError("transition=trained needs a policy trained for delay (config max_delay > 0, e.g. "
+                             "checkpoints/square_delay or checkpoints/lift_image_delay); this one was not: "
+                             "use transition=forecast, prefix or naive, or timing=hold")
+
+
+def auto_transition(config) -> str:
+    """The transition ``auto`` stands for with a policy of this config (see the module docstring)."""
+    if getattr(config, "max_delay", 0):
+        return "trained"
+    return "naive" if getattr(config, "image_keys", None) else "forecast"
 
 
 def rtc_weights(horizon: int, committed: int, execution_horizon: int) -> np.ndarray:

@@ -229,6 +229,7 @@ class PolicyServer:
             "batching": {"max_batch": self.max_batch, "max_wait_ms": self.max_wait_ms},
             "deadline_ms": self.deadline_ms, "max_message_bytes": self.max_message_bytes,
             "image_keys": list(cfg.image_keys or []), "image_shape": list(cfg.image_shape) if cfg.image_keys else None,
+            "max_delay": int(getattr(cfg, "max_delay", 0)),  # > 0: trained for delay, a hard prefix conditions it
         }
 
     # ------------------------------------------------------------------ lifecycle
