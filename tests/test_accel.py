@@ -15,7 +15,7 @@ import torch
 
 from parapolicy.policy.accel import (AUTO_BACKENDS, FastPath, apply_fast_path, choose_bucket, resolve_backends,
                              resolve_buckets, warm_up)
-from parapolicy.accel_runtimes import RUNTIMES, missing
+from parapolicy.policy.accel_runtimes import RUNTIMES, missing
 from policy_synthetic import ACTION_DIM, CAMERAS, OBS_DIM, tiny_image_policy, tiny_policy
 
 torch.set_num_threads(1)

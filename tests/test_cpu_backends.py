@@ -1,4 +1,4 @@
-"""The OpenVINO and ONNX Runtime fast-path backends (parapolicy.accel_runtimes): a missing library is
+"""The OpenVINO and ONNX Runtime fast-path backends (parapolicy.policy.accel_runtimes): a missing library is
 skipped with a note, exported graphs are cached on disk and not reused once the weights (or a library
 version) change, and a runtime whose output differs from eager's is dropped (also in test_accel's
 test_inexact_backend_is_dropped, for every backend).
@@ -15,7 +15,7 @@ import torch
 
 from parapolicy import accel_runtimes
 from parapolicy.policy.accel import FastPath
-from parapolicy.accel_runtimes import RUNTIMES, missing
+from parapolicy.policy.accel_runtimes import RUNTIMES, missing
 from policy_synthetic import OBS_DIM, tiny_policy
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -196,6 +196,6 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict:
 
 def runtime_versions() -> dict:
     """Versions of the optional fast-path runtimes (None: not installed)."""
-    from parapolicy.accel_runtimes import RUNTIMES, library_versions, missing
+    from parapolicy.policy.accel_runtimes import RUNTIMES, library_versions, missing
 
     return {name: None if missing(name) else library_versions(name) for name in RUNTIMES}

@@ -23,7 +23,7 @@ picked at warm-up by measurement (``backend="auto"``, the default of an explicit
   and ``torch.jit.optimize_for_inference`` (oneDNN convolutions, fused ops): fewer Python and dispatcher
   calls per layer, which is most of the cost of a small-batch call on CPU;
 - ``openvino`` / ``onnxruntime``: the model exported to ONNX at the bucket's shape and run by OpenVINO
-  or ONNX Runtime (``parapolicy.accel_runtimes``): fused convolutions and normalisations, no Python
+  or ONNX Runtime (``parapolicy.policy.accel_runtimes``): fused convolutions and normalisations, no Python
   per layer. Optional extras (``pip install parapolicy[openvino]`` / ``[onnx]``); a backend whose
   library is missing is skipped with a note. Exported graphs are cached on disk, keyed by the weights,
   the architecture, the shape and the library versions (``$PARAPOLICY_CACHE``, default
@@ -75,7 +75,7 @@ import torch
 from torch import nn
 
 from parapolicy.policy.accel_encoder import EncoderFastPath
-from parapolicy.accel_runtimes import RUNTIMES, RuntimeCache, missing
+from parapolicy.policy.accel_runtimes import RUNTIMES, RuntimeCache, missing
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
