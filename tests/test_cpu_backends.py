@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 
-from parapolicy import accel_runtimes
+from parapolicy.policy import accel_runtimes
 from parapolicy.policy.accel import FastPath
 from parapolicy.policy.accel_runtimes import RUNTIMES, missing
 from policy_synthetic import OBS_DIM, tiny_policy
