@@ -1,6 +1,6 @@
 """Parallel vs sequential sampling on an untrained policy-sized denoiser.
 
-    python -m parapolicy.samplers.demo [--device cuda] [--batch 4] [--seed 0] [--threads 1]
+    python -m parapolicy.bench.sampler_demo [--device cuda] [--batch 4] [--seed 0] [--threads 1]
 
 For DDPM-100, DDIM-15 and DPMSolver-15 (the policy's scheduler config; tolerance 0.1, window 16)
 prints the Picard rounds, model evaluations per sample and the largest deviation from the
