@@ -7,6 +7,9 @@ not to the packages above it: a package's ``__init__`` importing its own modules
 
 A command-line module is one with ``if __name__ == "__main__":``, a ``@hydra.main`` function, or the
 name ``__main__``; CLIs stay thin, so nothing may import one (not even another CLI).
+
+Layers, lowest first: the observation module (numpy only), the samplers, the policy, the chunk executor
+(``parapolicy.realtime``), serving. No module imports one of a layer above its own (``LAYERS``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,40 @@ PACKAGE_DIRS = {"parapolicy": ROOT / "parapolicy", "parapolicy.envs": ROOT / "en
 KNOWN_CLIS = {"parapolicy.eval", "parapolicy.bench.__main__", "parapolicy.serve", "parapolicy.train",
               "parapolicy.collect", "parapolicy.convert", "parapolicy.report", "parapolicy.serve_bench",
               "parapolicy.video"}
+
+
+# lowest first; a module of a layer imports only its own layer and those below (by module-name prefix)
+LAYERS = [("observation", ("parapolicy.observation",)),
+          ("samplers", ("parapolicy.samplers",)),
+          ("policy", ("parapolicy.policy",)),
+          ("executor", ("parapolicy.realtime",)),
+          ("serving", ("parapolicy.serving",))]
+
+
+def layer_of(module: str) -> int | None:
+    for rank, (_, prefixes) in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return rank
+    return None
+
+
+def upward_imports(edges: dict[str, set[str]]) -> list[str]:
+    """``a imports b`` for every edge from a layered module to a module of a higher layer, or from a
+    layered module to an unlayered one of ours (the CLIs, evaluation, bench, ...: all above)."""
+    found = []
+    for module, targets in edges.items():
+        rank = layer_of(module)
+        if rank is None:
+            continue
+        for target in targets:
+            other = layer_of(target)
+            if target in ("parapolicy", "parapolicy.devices", "parapolicy.configs", "parapolicy.envs") or \
+                    target.startswith("parapolicy.envs."):
+                continue  # shared helpers (devices, configs) and the environment side may be used by any layer
+            if other is None or other > rank:
+                found.append(f"{module} ({LAYERS[rank][0]}) imports {target}"
+                             f" ({LAYERS[other][0] if other is not None else 'above the layers'})")
+    return sorted(found)
 
 
 def find_modules(package_dirs: dict[str, Path]) -> dict[str, Path]:
@@ -162,6 +199,37 @@ def test_no_module_imports_a_command_line_module():
     assert KNOWN_CLIS <= clis, f"not recognised as CLIs: {sorted(KNOWN_CLIS - clis)}"
     found = cli_imports(import_edges(modules), clis)
     assert not found, "imports of a command-line module (move what they need out of it):\n" + "\n".join(found)
+
+
+def test_no_layer_imports_one_above_it():
+    """observation < samplers < policy < executor (realtime) < serving; e.g. the executor must not import the
+    protocol, the samplers not the policy's networks."""
+    edges = import_edges(find_modules(PACKAGE_DIRS))
+    assert "parapolicy.observation" in edges and edges["parapolicy.observation"] == set()  # numpy only
+    assert "parapolicy.realtime.planner" in edges["parapolicy.serving.server"]  # the scan sees the layers' imports
+    found = upward_imports(edges)
+    assert not found, "imports from a lower layer to a higher one (move the shared code down):\n" + "\n".join(found)
+
+
+def test_the_layer_check_catches_upward_imports():
+    edges = {"parapolicy.realtime.async_policy": {"parapolicy.serving.protocol", "parapolicy.realtime.schedule"},
+             "parapolicy.samplers.demo": {"parapolicy.policy.unet"},
+             "parapolicy.policy.diffusion_policy": {"parapolicy.observation", "parapolicy.samplers.base",
+                                                    "parapolicy.devices"},
+             "parapolicy.observation": {"parapolicy.evaluation.report"},
+             "parapolicy.serving.server": {"parapolicy.realtime.planner", "parapolicy.policy.accel"}}
+    assert upward_imports(edges) == [
+        "parapolicy.observation (observation) imports parapolicy.evaluation.report (above the layers)",
+        "parapolicy.realtime.async_policy (executor) imports parapolicy.serving.protocol (serving)",
+        "parapolicy.samplers.demo (samplers) imports parapolicy.policy.unet (policy)"]
+
+
+def test_the_observation_module_is_numpy_only():
+    tree = ast.parse((ROOT / "parapolicy" / "observation.py").read_text())
+    names = {alias.name.split(".")[0] for node in _imports(tree) for alias in node.names
+             if isinstance(node, ast.Import)} | {node.module.split(".")[0] for node in _imports(tree)
+                                                 if isinstance(node, ast.ImportFrom) and node.module}
+    assert names <= {"__future__", "math", "typing", "numpy"}, names
 
 
 def _write(root: Path, files: dict[str, str]) -> None:

@@ -3,7 +3,9 @@
 ``latency=measured``: each call's own measured wall-clock latency (what this machine does).
 ``latency=<ms>``: a fixed number of milliseconds for every call (reproducible, machine-independent).
 ``latency=profile:<file>``: per-call latencies replayed from another machine's measurements, so a CPU
-machine reproduces what a GPU's or a robot computer's latency does to success. The file may be
+machine reproduces what a GPU's or a robot computer's latency does to success; ``profile:<file>@<run>``
+picks one run of the file (typed as it is on the command line: Hydra's override parser takes ``@``;
+``#<run>`` is accepted too, where nothing parses it, e.g. ``PolicyRunner(latency=...)``). The file may be
 
 - a ``latency_profile.json`` (``make gpu-check``): ``{"runs": {label: {"latency_ms": [ms, ...]}}}``;
 - a ``bench.json`` (``python -m parapolicy.bench``): rows with ``label`` and ``latencies_ms``;
@@ -35,6 +37,21 @@ def delay_steps(latency_ms: float, control_period_s: float) -> int:
         raise ValueError(f"latency must be a finite number of ms >= 0, got {latency_ms!r}")
     steps = latency_ms / (control_period_s * 1e3)
     return int(math.ceil(steps - 1e-9))  # 100 ms at 50 ms per step is 2 steps, not 3
+
+
+RUN_SEPARATOR = "@"  # profile:<file>@<run>: a character Hydra's command-line parser accepts unquoted
+
+
+def split_profile_spec(text: str) -> tuple[str, str]:
+    """``"<file>@<run>"`` (or ``"<file>#<run>"``) -> (file, run); run "" when none is named. A file whose own
+    name holds ``@`` is taken whole when it exists."""
+    if "#" in text:
+        file, _, run = text.partition("#")
+        return file, run
+    file, sep, run = text.rpartition(RUN_SEPARATOR)
+    if not sep or Path(text).is_file() or "/" in run:
+        return text, ""
+    return file, run
 
 
 def read_profile(path: str | Path) -> dict[str, list[float]]:
@@ -79,16 +96,16 @@ class LatencyModel:
 
     @classmethod
     def parse(cls, spec, run_label: str | None = None, sampler_name: str | None = None) -> "LatencyModel":
-        """``"measured"``, a number of ms (``0``, ``"200"``, ``"200ms"``) or ``"profile:<file>[#<run>]"``.
+        """``"measured"``, a number of ms (``0``, ``"200"``, ``"200ms"``) or ``"profile:<file>[@<run>]"``.
 
-        For a profile, the run is ``#<run>`` if given, else the one named like ``run_label``, else like
+        For a profile, the run is ``@<run>`` (or ``#<run>``) if given, else the one named like ``run_label``, else like
         ``sampler_name``, else the file's only run; ValueError listing the runs otherwise.
         """
         if spec is None or str(spec).strip().lower() in ("measured", "none", "null", ""):
             return cls("measured")
         text = str(spec).strip()
         if text.startswith("profile:"):
-            file, _, wanted = text[len("profile:"):].partition("#")
+            file, wanted = split_profile_spec(text[len("profile:"):])
             runs = read_profile(file)
             names = [wanted] if wanted else [n for n in (run_label, sampler_name) if n]
             chosen = next((n for n in names if n in runs), None)
@@ -96,7 +113,7 @@ class LatencyModel:
                 chosen = next(iter(runs))
             if chosen is None:
                 raise ValueError(f"latency profile {file!r} has no run {' or '.join(map(repr, names)) or '(none named)'}; "
-                                 f"it has {', '.join(sorted(runs))}: pick one with profile:{file}#<run>")
+                                 f"it has {', '.join(sorted(runs))}: pick one with latency=profile:{file}{RUN_SEPARATOR}<run>")
             return cls("profile", source=f"{file}#{chosen}", samples=runs[chosen])
         try:
             value = float(text[:-2] if text.endswith("ms") else text)
