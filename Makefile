@@ -14,6 +14,10 @@ DOCS_STAMP := $(VENV)/.parapolicy-docs-installed
 MUTANTS_STAMP := $(VENV)/.parapolicy-mutants-installed
 MODULES ?=
 ARGS ?=
+# make run: 3 episodes per sampler (paraddpm vs the ddpm baseline, same seeds and noise), warm start and the
+# fast path on, the robot not waiting for the policy (timing=async at this machine's measured latency), so
+# success, stalls and task time show what the latency does here; the progress bar stays on
+RUN_ARGS ?= n_episodes=3 sampler.warm_start=true fast_path=on timing=async latency=measured torch_threads=1
 
 .PHONY: setup run test collect train bench gpu-wheels gpu-check clean-venv docs mutants
 
@@ -28,7 +32,8 @@ $(STAMP): pyproject.toml setup.py Makefile
 	touch $(STAMP)
 
 run: setup
-	$(PY) -m parapolicy.eval $(ARGS)
+	@echo "make run: a short look on this machine ($(RUN_ARGS)); the documented comparisons: README, benchmarks/RESULTS.md"
+	$(PY) -m parapolicy.eval $(RUN_ARGS) $(ARGS)
 
 # the tests also need the ray extra (tests/test_ray.py: ~240 MB installed, so `make run` goes without it)
 $(RAY_STAMP): $(STAMP)
