@@ -1,6 +1,6 @@
 """Latency benchmark (``python -m parapolicy.bench``): every sampler against its sequential twin, with the fast path off and on.
 
-    python -m parapolicy.bench                                      # quick: ddpm vs paraddpm (~1.5 min on an idle 2-core CPU)
+    python -m parapolicy.bench                                      # quick: ddpm vs paraddpm (its run time: docs/benchmark.md)
     python -m parapolicy.bench preset=full                          # every sampler, batch 1 and 8, full-size U-Net
     python -m parapolicy.bench 'samplers=[ddpm,paraddpm]' 'batch_sizes=[1]' 'windows=[]' fast_path=off
     python -m parapolicy.bench device=cuda fast_path=on '+fast_path_options.dtype=bfloat16'

@@ -30,8 +30,8 @@ picked at warm-up by measurement (``backend="auto"``, the default of an explicit
   ``~/.cache/parapolicy``), so a second process does not export again. They run on ``threads``
   intra-op threads (1 by default);
 - ``compile``: ``torch.compile`` (inductor, ``dynamic=False``), only when asked for
-  (``compile=True`` or ``backend=[..., "compile"]``): compiling one shape of the Square network took
-  177 s on the 2-core CPU here (under load), more than it saves in a typical eval.
+  (``compile=True`` or ``backend=[..., "compile"]``): compiling one shape takes minutes on a small CPU
+  (docs/benchmark.md, "Fast path"), more than it saves in a typical eval.
 
 TorchScript is deprecated in torch 2.x but still shipped (2.13 here); if a torch release drops it,
 ``trace`` fails at warm-up and eager is used, with a note.
