@@ -54,11 +54,12 @@ MODULES: dict[str, tuple[str, list[str], list[str]]] = {
                     ["*check_supported*", "*x__affine*", "*dp_affine_to_minmax*", "*read_scheduler*"]),
     # the row routing: which env's observation goes to which row, which generator draws which row's noise
     # (run_batch itself: every surviving mutant costs the 40 s of robosuite episodes; see RESULTS.md)
-    "runner": ("parapolicy/realtime/runner.py", ["tests/test_runner.py"],
-               ["*x_row_of*", "*x_policy_inputs*", "*x_draw_noise*", "*x_draw_candidates*", "*x_draw_prefix_noise*"]),
-    # the real-time schedule inside run_batch (which action runs at which step, delays, stalls, holds,
-    # transitions) against the fake-env tests of tests/test_realtime.py (no robosuite): a 10% sample, the
-    # mutants whose number ends in 7, as the whole function costs ~25 s a mutant here
+    "runner": ("parapolicy/realtime/runner.py", ["tests/test_runner.py"], ["*x_row_of*", "*x_policy_inputs*"]),
+    "planner": ("parapolicy/realtime/planner.py", ["tests/test_runner.py", "tests/test_executor.py"],
+                ["*x_draw_noise*", "*x_draw_candidates*", "*x_draw_prefix_noise*"]),
+    # the real-time schedule (which action runs at which step, delays, stalls, holds, transitions), pure:
+    # against its own tests and the fake-env tests of tests/test_realtime.py (no robosuite)
+    "schedule": ("parapolicy/realtime/schedule.py", ["tests/test_executor.py", "tests/test_realtime.py"], []),
     "runner_schedule": ("parapolicy/realtime/runner.py", ["tests/test_realtime.py"], ["*run_batch__mutmut_*7"]),
     "server": ("parapolicy/serving/server.py",
                ["tests/test_serve_batching.py",
