@@ -72,13 +72,13 @@ def time_denoiser(cfg: DictConfig, networks: list, obs_pool, device, fast_option
             denoisers = {}
             for mode in modes:
                 if mode != "off":
-                    fasts[mode].prepare(net.model, cond, (pc.horizon, pc.action_dim), None)
+                    fasts[mode].prepare(net.model, cond, (pc.horizon, pc.sample_dim), None)
                     denoisers[mode] = fasts[mode].wrap(plain, cond, net.model, None)
                 else:
                     denoisers[mode] = plain
             gen = torch.Generator().manual_seed(int(cfg.seed))
             steps = net.noise_scheduler.config.num_train_timesteps
-            inputs = {k: (torch.randn((k, batch, pc.horizon, pc.action_dim), generator=gen).to(device),
+            inputs = {k: (torch.randn((k, batch, pc.horizon, pc.sample_dim), generator=gen).to(device),
                           torch.randint(steps, (k,), generator=gen).to(device)) for k in ok}
             cases = [(mode, k) for mode in modes for k in ok]
             times: dict[tuple, list] = {case: [] for case in cases}
