@@ -3,8 +3,9 @@
     python -m parapolicy.convert path/to/epoch=0100.ckpt --out checkpoints/dp_square [--weights ema|model]
     python -m parapolicy.eval checkpoint=checkpoints/dp_square env=square
 
-SOURCE is a real-stanford/diffusion_policy workspace checkpoint (``.ckpt``) of the low-dim U-Net policy
-or of the hybrid image policy (``parapolicy.importers.dp_image``), or a LeRobot state-only diffusion
+SOURCE is a real-stanford/diffusion_policy workspace checkpoint (``.ckpt``) of the low-dim U-Net policy,
+of the image policies (``parapolicy.importers.dp_image``) or of the low-dim transformer policy
+(``parapolicy.importers.dp_transformer``), or a LeRobot state-only diffusion
 checkpoint folder (``save_pretrained``: config.json, model.safetensors, normaliser statistics; see
 ``parapolicy.importers.lerobot``). A ``.ckpt`` is read without running any
 code it contains (a restricted unpickler: tensors, plain containers and inert OmegaConf config objects

@@ -148,7 +148,7 @@ def init_from_checkpoint(folder: str | Path, policy: DiffusionPolicy, ema: EMA,
     """Load a shipped checkpoint's EMA weights and normaliser into ``policy`` and ``ema``; returns its
     step count and training stages. The network and data layout must match this run's config."""
     source = load_checkpoint(resolve_path(folder))
-    keys = ("obs_dim", "action_dim", "obs_keys", "n_obs_steps", "down_dims", "kernel_size",
+    keys = ("obs_dim", "action_dim", "obs_keys", "n_obs_steps", "network", "down_dims", "kernel_size",
             "n_groups", "diffusion_step_embed_dim", "num_train_timesteps", "prediction_type")
     ours, theirs = policy_config.to_dict(), source.config.to_dict()
     changed = [k for k in keys if ours.get(k) != theirs.get(k)]
@@ -216,7 +216,19 @@ def build_policy_config(cfg: DictConfig, obs_dim: int, action_dim: int) -> Diffu
         num_inference_steps=p.num_inference_steps,
         sampler_options=OmegaConf.to_container(p.sampler_options, resolve=True) if p.get("sampler_options") else {},
         max_delay=int(p.get("max_delay") or 0),
+        network=OmegaConf.to_container(p.network, resolve=True) if p.get("network") else {},
     )
+
+
+def optim_groups(policy: DiffusionPolicy, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: every parameter decays (the U-Net recipe), except in DP's transformer,
+    which decays only its Linear and attention weights (``TransformerForDiffusion.optim_groups``, as DP)."""
+    network_groups = getattr(policy.model, "optim_groups", None)
+    if network_groups is None:
+        return [{"params": list(policy.parameters()), "weight_decay": weight_decay}]
+    rest = [param for name, param in policy.named_parameters() if not name.startswith("model.")]
+    groups = network_groups(weight_decay) + [{"params": rest, "weight_decay": weight_decay}]
+    return [group for group in groups if group["params"]]
 
 
 @torch.no_grad()
@@ -274,8 +286,7 @@ def train(cfg: DictConfig) -> Path:
     policy.normalizer.load_state_dict(fitted.state_dict())
     policy.to(device)
     ema = EMA(copy.deepcopy(policy).requires_grad_(False).eval(), **OmegaConf.to_container(cfg.ema, resolve=True))
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
-                                  weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(optim_groups(policy, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
     generator = torch.Generator().manual_seed(cfg.seed)
 
     n_params = sum(param.numel() for param in policy.parameters())  # U-Net (+ image encoder)

@@ -5,7 +5,13 @@
 
 Needs an environment where DP's low-dim code runs (torch, diffusers, hydra-core, dill, einops, zarr;
 parapolicy importable, for the comparison) and a checkout of real-stanford/diffusion_policy. Nothing of
-DP's is imported by parapolicy itself; the converter runs in a subprocess without DP on its path.
+DP's is imported by parapolicy itself; the converter runs in a subprocess without DP on its path. No
+torchvision is needed, so a venv that reuses ``.venv``'s packages does (what the docs' figures used)::
+
+    python3.11 -m venv /work/dpvenv
+    echo "import site; site.addsitedir('$PWD/.venv/lib/python3.11/site-packages')" \
+        > /work/dpvenv/lib/python3.11/site-packages/parapolicy_venv.pth
+    /work/dpvenv/bin/pip install einops "zarr<3"
 
 Per case, with DP's own code (``train_diffusion_transformer_lowdim_workspace`` + ``task=square_lowdim``,
 DP's robomimic settings horizon 10, 2 observation steps, 8 actions, plus the case's overrides):

@@ -12,6 +12,7 @@ at the end). ``dp_t_config`` / ``dp_t_checkpoint`` write a ``train_diffusion_tra
 from __future__ import annotations
 
 import math
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,21 @@ def _dp_masks(tokens: int, cond_tokens: int, causal: bool, obs_tokens: bool):
     return mask, memory_mask
 
 
-def _torch_stack(kind: str, state: dict[str, torch.Tensor], n_emb: int, n_head: int):
+_STACKS: "weakref.WeakKeyDictionary" = None  # network -> {kind: torch's stack holding its weights}, built once
+
+
+def _torch_stack(net: nn.Module, kind: str, state: dict[str, torch.Tensor], n_emb: int, n_head: int):
+    global _STACKS
+    if _STACKS is None:
+        _STACKS = weakref.WeakKeyDictionary()
+    stacks = _STACKS.setdefault(net, {})
+    key = (kind, next(iter(state.values())).dtype)
+    if key not in stacks:
+        stacks[key] = _build_stack(kind, state, n_emb, n_head)
+    return stacks[key]
+
+
+def _build_stack(kind: str, state: dict[str, torch.Tensor], n_emb: int, n_head: int):
     n = len({k.split(".")[1] for k in state})
     layer_cls = nn.TransformerDecoderLayer if kind == "decoder" else nn.TransformerEncoderLayer
     layer = layer_cls(d_model=n_emb, nhead=n_head, dim_feedforward=4 * n_emb, dropout=0.0, activation="gelu",
@@ -65,7 +80,7 @@ def reference_forward(net: nn.Module, sample: torch.Tensor, timestep: torch.Tens
     input_emb = linear("input_emb", sample)
     dtype = sample.dtype
     if not time_as_cond:
-        encoder = _torch_stack("encoder", {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")},
+        encoder = _torch_stack(net, "encoder", {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")},
                                n_emb, n_head)
         x = torch.cat([time_emb, input_emb], dim=1)
         x = x + sd["pos_emb"][:, : x.shape[1]]
@@ -76,12 +91,12 @@ def reference_forward(net: nn.Module, sample: torch.Tensor, timestep: torch.Tens
             memory = torch.cat([memory, linear("cond_obs_emb", cond)], dim=1)
         memory = memory + sd["cond_pos_emb"][:, : memory.shape[1]]
         if any(k.startswith("encoder.layers.") for k in sd):
-            encoder = _torch_stack("encoder", {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")},
+            encoder = _torch_stack(net, "encoder", {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")},
                                    n_emb, n_head)
             memory = encoder(memory)
         else:
             memory = linear("encoder.2", nn.functional.mish(linear("encoder.0", memory)))
-        decoder = _torch_stack("decoder", {k[len("decoder."):]: v for k, v in sd.items() if k.startswith("decoder.")},
+        decoder = _torch_stack(net, "decoder", {k[len("decoder."):]: v for k, v in sd.items() if k.startswith("decoder.")},
                                n_emb, n_head)
         x = input_emb + sd["pos_emb"][:, : input_emb.shape[1]]
         x = decoder(tgt=x, memory=memory, tgt_mask=None if mask is None else mask.to(dtype),

@@ -228,7 +228,7 @@ def test_cpu_backend_matches_eager(policy, name, options, backend):
     policy.set_sampler(name, 10, **options)
     policy.enable_fast_path(False)
     reference = plan(policy)
-    policy.enable_fast_path(backend=backend)
+    policy.enable_fast_path(backend=backend, warmup_budget_s=600)  # every candidate, however loaded the CPU
     fast = plan(policy)
     stats = policy.fast_path.stats
     assert fast["rounds"] == reference["rounds"] and fast["model_evals"] == reference["model_evals"]
@@ -378,7 +378,7 @@ def test_encoder_fast_path_matches_the_plain_path(backend):
     reference = [image_plan(policy, seed) for seed in range(2)] + [image_plan(policy, 2, batch=1)]
     encoder_calls = []
     policy.obs_encoder.register_forward_hook(lambda *args: encoder_calls.append(1))
-    policy.enable_fast_path(backend=backend)
+    policy.enable_fast_path(backend=backend, warmup_budget_s=600)  # every candidate, however loaded the CPU
     fast = [image_plan(policy, seed) for seed in range(2)] + [image_plan(policy, 2, batch=1)]
     stats = policy.fast_path.stats
     assert {s for s in stats.backends if s.startswith("encoder")} == {"encoder B3", "encoder B1"}

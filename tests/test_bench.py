@@ -221,12 +221,13 @@ def test_bench_on_env_observations_prints_robosuite_lines_once(files, tmp_path):
 
 def test_dp_networks_have_diffusion_policy_sizes():
     """With Square's dims (23-dim obs x 2 steps, 7-dim actions), dp_lowdim is DP's 65.9M low-dim U-Net;
-    dp_image is DP's 255.6M hybrid-image U-Net (10-dim actions, 2 x 64 + 9 features per step).
+    dp_image is DP's 255.6M hybrid-image U-Net (10-dim actions, 2 x 64 + 9 features per step); dp_transformer
+    DP's 9.0M low-dim transformer (horizon 16).
     Counted on the meta device: no memory, no weights."""
     import torch
 
     from parapolicy.bench.networks import DP_NETWORKS, network_config
-    from parapolicy.policy import ConditionalUnet1D
+    from parapolicy.policy.networks import build_network
 
     base = tiny_policy().config
     assert (base.obs_dim, base.action_dim, base.n_obs_steps) == (23, 7, 2)
@@ -234,9 +235,10 @@ def test_dp_networks_have_diffusion_policy_sizes():
     for name, spec in DP_NETWORKS.items():
         config = network_config(spec, base)
         with torch.device("meta"):
-            counts[name] = sum(p.numel() for p in ConditionalUnet1D(**config.network_kwargs()).parameters())
+            counts[name] = sum(p.numel() for p in build_network(config).parameters())
         assert counts[name] == spec.num_parameters
-    assert counts == {"dp_lowdim": 65_878_279, "dp_image": 255_612_042}
+    assert counts == {"dp_lowdim": 65_878_279, "dp_image": 255_612_042, "dp_transformer": 8_968_455}
+    assert network_config(DP_NETWORKS["dp_transformer"], base).network["class"] == "TransformerForDiffusion"
     assert network_config(DP_NETWORKS["dp_image"], base).global_cond_dim == 274
 
 

@@ -73,7 +73,7 @@ def test_runtime_matches_eager_and_reuses_its_cache(cache, name):
     first = plan(policy)
     fast = policy.fast_path
     assert set(fast.stats.backends.values()) == {name} and fast.runtimes.exports == 2 and fast.runtimes.hits == 0
-    assert len(list((cache / name).glob("*.onnx"))) == 2  # K1 and K4
+    assert len(list((cache / "onnx").glob("*.onnx"))) == 2  # K1 and K4
     policy.enable_fast_path(backend=name)
     second = plan(policy)
     assert policy.fast_path.runtimes.exports == 0 and policy.fast_path.runtimes.hits == 2
@@ -107,7 +107,7 @@ def test_cache_is_not_reused_once_the_weights_change(cache, name):
     out = plan(other)
     assert other.fast_path.runtimes.exports == 1 and other.fast_path.stats.backends == {"K1xB2": name}
     torch.testing.assert_close(out["action_pred"], reference["action_pred"], rtol=0, atol=1e-5)
-    assert len(list((cache / name).glob("*.onnx"))) == 3
+    assert len(list((cache / "onnx").glob("*.onnx"))) == 3
 
 
 @pytest.mark.parametrize("name", runtime_params())
@@ -117,7 +117,7 @@ def test_cache_is_not_reused_across_library_versions(monkeypatch, name):
     policy.enable_fast_path(backend=name)
     plan(policy)
     versions = accel_runtimes.library_versions
-    monkeypatch.setattr(accel_runtimes, "library_versions", lambda n: {**versions(n), "torch": "99.0"})
+    monkeypatch.setattr(accel_runtimes, "library_versions", lambda *n: {**versions(*n), "torch": "99.0"})
     policy.enable_fast_path(backend=name)
     plan(policy)
     assert policy.fast_path.runtimes.exports == 1 and policy.fast_path.runtimes.hits == 0
@@ -165,3 +165,22 @@ def test_bench_backend_modes_and_per_shape_comparison():
     assert rows["K4xB1"]["vs_eager"] == pytest.approx(1.25) and rows["K4xB1"]["vs_runner_up"] == pytest.approx(1.25)
     table = format_backends(list(rows.values()))
     assert "3.00x" in table and "1.50x" in table
+
+
+def test_eval_auto_runs_openvino_on_cpu(monkeypatch):
+    """The eval's fast_path=auto: on CPU, OpenVINO forced (the same backend in every process) where it
+    is installed; without it, and on CUDA, "auto" as before; on / off untouched."""
+    from parapolicy.policy.accel import eval_fast_path
+    from parapolicy.policy import load_policy  # noqa: F401  (load_policy(fast_path=FastPath) is what the eval does)
+
+    for mode in ("on", "off", True, False):
+        assert eval_fast_path(mode, "cpu") == mode
+    assert eval_fast_path("auto", "cuda") == "auto"
+    if missing("openvino") is None:
+        fast = eval_fast_path("auto", "cpu")
+        assert isinstance(fast, FastPath) and fast.forced == "openvino"
+        policy = tiny_policy()
+        policy.enable_fast_path(fast)
+        assert policy.fast_path is fast
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    assert eval_fast_path("auto", "cpu") == "auto"

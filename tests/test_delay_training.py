@@ -351,3 +351,12 @@ def test_fast_path_warms_up_and_plans_a_delay_policy():
     assert warm_up(policy, 1)["backends"]
     fast = policy.predict_action(obs, generator=torch.Generator().manual_seed(0), prefix=prefix)["action_pred"]
     torch.testing.assert_close(fast, plain, rtol=0, atol=1e-4)
+
+
+def test_the_eval_records_the_transition_auto_chose():
+    from parapolicy.evaluation.timing import describe
+
+    options = {"timing": "async", "latency": "200", "transition": "auto", "execution_horizon": None}
+    assert describe(options, "ddim-10", "ddim", tiny_config(max_delay=4))["transition"] == "trained"
+    assert describe(options, "ddim-10", "ddim", tiny_config())["transition"] == "forecast"
+    assert describe(options, "ddim-10", "ddim")["transition"] == "auto"  # no policy to choose by

@@ -268,3 +268,20 @@ def test_without_the_transformer_converter_dp_t_is_still_refused(tmp_path):
     source, *_ = dp_t_checkpoint(tmp_path / "dp.ckpt")
     with pytest.raises(UnsupportedCheckpointError, match="transformer policies"):
         convert_dp_checkpoint(source, tmp_path / "out")
+
+
+def test_hybrid_image_transformer_is_refused_by_name(tmp_path):
+    from omegaconf import OmegaConf
+
+    from dp_format import write_dp_checkpoint
+    from parapolicy.importers.diffusion_policy import read_dp_checkpoint
+
+    source, *_ = dp_t_checkpoint(tmp_path / "dp.ckpt")
+    ckpt = read_dp_checkpoint(source)
+    cfg = OmegaConf.create(ckpt.cfg)
+    cfg.policy._target_ = ("diffusion_policy.policy.diffusion_transformer_hybrid_image_policy."
+                           "DiffusionTransformerHybridImagePolicy")
+    hybrid = write_dp_checkpoint(tmp_path / "hybrid.ckpt", cfg, ckpt.state_dicts["model"], ckpt.state_dicts["ema_model"])
+    with pytest.raises(UnsupportedCheckpointError, match="DiffusionTransformerHybridImagePolicy"):
+        convert(hybrid, tmp_path / "out")
+    assert not (tmp_path / "out" / "config.json").exists()

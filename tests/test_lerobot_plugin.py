@@ -54,7 +54,9 @@ def test_install_reaches_instances_built_before_and_after(installed):
         ours = policy.diffusion.conditional_sample(2, global_cond=cond(2), generator=gen(4))
         assert torch.equal(ours, stock)
         assert policy.diffusion.last_info["sampler"] == "ddpm"
-    installed("paraddpm", window=20, tolerance=1e-6)  # re-installing swaps the sampler
+    installed("paraddpm", window=20, tolerance=1e-6)  # re-installing swaps the sampler, also of built models
+    before.diffusion.conditional_sample(2, global_cond=cond(2), generator=gen(4))
+    assert before.diffusion.last_info["sampler"] == "paraddpm"
     fresh = make_policy()
     ours = fresh.diffusion.conditional_sample(2, global_cond=cond(2), generator=gen(4))
     info = fresh.diffusion.last_info

@@ -31,11 +31,13 @@ def denoiser_networks(cfg: DictConfig, policy, benched: Optional[tuple[str, Any]
 
 
 def time_denoiser(cfg: DictConfig, networks: list, obs_pool, device, fast_options: Optional[dict], notes: list,
-                  bar=None, modes: tuple = ("off",), pools: Optional[dict] = None) -> list[dict]:
+                  bar=None, modes: tuple = ("off",), pools: Optional[dict] = None,
+                  fast_paths: Optional[dict] = None) -> list[dict]:
     """Bare ``denoise`` calls: K stacked timesteps x batch observation histories, per network
     (``denoiser_networks``) and fast-path mode, round-robin over K and modes (one bucket per K on
     the fast path, warmed up before timing). ``pools``: ``{network name: (obs_pool, images)}`` for
-    networks whose observations differ from ``obs_pool`` (other dims, cameras)."""
+    networks whose observations differ from ``obs_pool`` (other dims, cameras). ``fast_paths``: filled
+    with ``{"<mode> (denoiser <network>)": FastPath}``, for the per-shape backend comparison."""
     import torch
 
     from parapolicy.policy.accel import FastPath
@@ -53,6 +55,8 @@ def time_denoiser(cfg: DictConfig, networks: list, obs_pool, device, fast_option
         fasts = {mode: FastPath(**{**(fast_options or {}), "buckets": ks,
                                    **({} if mode == "on" else {"backend": mode_backend(mode)})})
                  for mode in modes if mode != "off"}
+        if fast_paths is not None:
+            fast_paths.update({f"{mode} (denoiser {net_name})": fast for mode, fast in fasts.items()})
         for batch in [int(b) for b in dcfg.batch_sizes]:
             ok = [k for k in ks if k * batch <= int(dcfg.max_rows)]
             if len(ok) < len(ks):
@@ -68,13 +72,13 @@ def time_denoiser(cfg: DictConfig, networks: list, obs_pool, device, fast_option
             denoisers = {}
             for mode in modes:
                 if mode != "off":
-                    fasts[mode].prepare(net.model, cond, (pc.horizon, pc.action_dim), None)
+                    fasts[mode].prepare(net.model, cond, (pc.horizon, pc.sample_dim), None)
                     denoisers[mode] = fasts[mode].wrap(plain, cond, net.model, None)
                 else:
                     denoisers[mode] = plain
             gen = torch.Generator().manual_seed(int(cfg.seed))
             steps = net.noise_scheduler.config.num_train_timesteps
-            inputs = {k: (torch.randn((k, batch, pc.horizon, pc.action_dim), generator=gen).to(device),
+            inputs = {k: (torch.randn((k, batch, pc.horizon, pc.sample_dim), generator=gen).to(device),
                           torch.randint(steps, (k,), generator=gen).to(device)) for k in ok}
             cases = [(mode, k) for mode in modes for k in ok]
             times: dict[tuple, list] = {case: [] for case in cases}

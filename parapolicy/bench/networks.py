@@ -19,6 +19,10 @@ deviations of these rows as those of an untrained network.
   eye in hand) centre-cropped to 76x76, then 9 low-dim features (eef pos 3, quat 4, gripper 2):
   255,612,042 U-Net parameters plus the encoder's. The bench feeds it random uint8 frames; rows carry
   ``encode_ms`` (the encoder, once per call) beside the call's latency.
+- ``dp_transformer``: DP's low-dim transformer (DP-T, ``diffusion_transformer_lowdim``): 8 causal
+  decoder layers, n_emb 256, 4 heads, one condition token for the timestep and one per observation
+  step, an MLP condition encoder; with Square's dims and horizon 16 it attends over 16 action tokens
+  and 3 condition tokens: 8,968,455 parameters. A Picard round stacks K x B sequences of those tokens.
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ class NetworkSpec:
     image_keys: tuple[str, ...] = ()  # cameras (robosuite names), each uint8 image_shape
     image_shape: tuple[int, int, int] = (3, 84, 84)
     vision: Optional[dict] = None  # ImageObsEncoder arguments (parapolicy.policy.vision)
-    num_parameters: Optional[int] = None  # of the U-Net, with the stated dims, checked by the tests
+    network: Optional[dict] = None  # the config's ``network`` entry (None: the U-Net of the sizes above)
+    num_parameters: Optional[int] = None  # of the denoiser, with the stated dims, checked by the tests
     description: str = ""
 
 
@@ -58,6 +63,12 @@ DP_NETWORKS = {
         description="Diffusion Policy's hybrid image policy: U-Net 512/1024/2048, step embedding 128, 10-dim "
                     "actions, conditioned on robomimic's ResNet-18/GroupNorm + SpatialSoftmax encoder of two "
                     "84x84 cameras (64 features each) + 9 low-dim features per step; random weights"),
+    "dp_transformer": NetworkSpec(
+        down_dims=(256, 512, 1024), diffusion_step_embed_dim=256, num_parameters=8_968_455,
+        network={"class": "TransformerForDiffusion", "n_layer": 8, "n_head": 4, "n_emb": 256, "p_drop_attn": 0.3,
+                 "causal_attn": True, "time_as_cond": True, "obs_as_cond": True, "n_cond_layers": 0},
+        description="Diffusion Policy's low-dim transformer (DP-T): 8 causal decoder layers, n_emb 256, 4 heads, "
+                    "time and observation condition tokens, MLP condition encoder; random weights"),
 }
 NETWORKS = (CHECKPOINT, *DP_NETWORKS)
 
@@ -91,6 +102,7 @@ def network_config(spec: NetworkSpec, base):
         "image_keys": list(spec.image_keys),
         "image_shape": list(spec.image_shape),
         "vision": dict(spec.vision or {}),
+        "network": dict(spec.network or {}),
     })
 
 
@@ -119,7 +131,7 @@ def build_network(name: str, policy, seed: int = 0, spec: Optional[NetworkSpec] 
 
 
 def num_parameters(policy) -> int:
-    """The U-Net's parameters (the denoiser every sampler step runs)."""
+    """The denoising network's parameters (what every sampler step runs)."""
     return sum(p.numel() for p in policy.model.parameters())
 
 

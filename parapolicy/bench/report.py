@@ -64,7 +64,8 @@ def backend_comparison(fast_paths: dict) -> list[dict]:
 
 def format_backends(rows: list[dict]) -> str:
     names = list(dict.fromkeys(n for row in rows for n in row["candidates_ms"]))
-    header = f"{'mode':<12} {'shape':<11} {'picked':<12} " + " ".join(f"{n:>11}" for n in names) + \
+    width = max([12] + [len(row["mode"]) for row in rows])
+    header = f"{'mode':<{width}} {'shape':<11} {'picked':<12} " + " ".join(f"{n:>11}" for n in names) + \
         f" {'vs eager':>9} {'vs next':>8} {'warm-up s':>9}"
     lines = [header, "-" * len(header)]
     for row in rows:
@@ -73,7 +74,7 @@ def format_backends(rows: list[dict]) -> str:
             value = row["candidates_ms"].get(n, "absent")
             cells.append(f"{'':>11}" if value == "absent" else f"{'-' if value is None else f'{value:.2f}':>11}")
         ratio = lambda v: f"{v:.2f}x" if v else "-"  # noqa: E731
-        lines.append(f"{row['mode']:<12} {row['shape']:<11} {row['backend']:<12} " + " ".join(cells) +
+        lines.append(f"{row['mode']:<{width}} {row['shape']:<11} {row['backend']:<12} " + " ".join(cells) +
                      f" {ratio(row['vs_eager']):>9} {ratio(row['vs_runner_up']):>8} {row['warmup_s'] or 0:>9.1f}")
     return "\n".join(lines)
 

@@ -82,6 +82,7 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict:
         images = {key: value.to(device) for key, value in images.items()}
         notes.append(f"network {network}: random uint8 frames for {', '.join(policy.config.image_keys)}")
     phases = build_jobs(cfg, policy, notes, modes, fast_policies)
+    denoiser_fast_paths: dict = {}  # the denoiser curve's own fast paths (one per mode and network)
     networks = denoiser_networks(cfg, checkpoint_policy, (network, policy)) if cfg.denoiser.k else []
     pools = {network: (obs_pool, images)}
     for name, net in networks:  # other networks of the curve with other inputs: random ones
@@ -109,10 +110,12 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict:
             bar.close()
         if networks:
             result["denoiser"] = time_denoiser(cfg, networks, obs_pool, device, fast_options, notes, modes=modes,
+                                               fast_paths=denoiser_fast_paths,
                                                pools=pools)
     add_predictions(result, network)
     result["headline"] = headline(result["samplers"]) + headline(result["windows"])
-    result["backends"] = backend_comparison({mode: p.fast_path for mode, p in fast_policies.items()})
+    result["backends"] = backend_comparison({**{mode: p.fast_path for mode, p in fast_policies.items()},
+                                             **denoiser_fast_paths})
 
     fast = fast_policy.fast_path if fast_policy is not None else None
     result["meta"] = {
@@ -186,7 +189,8 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict:
     if result["denoiser"]:
         print("\nbare denoiser, K stacked timesteps per call (gain: K evals vs K calls at the smallest K):")
         print(format_denoiser_table(result["denoiser"]))
-    mode_notes = [f"fast path {mode}: {n}" for mode, p in fast_policies.items() for n in p.fast_path.stats.notes]
+    mode_notes = [f"fast path {mode}: {n}" for mode, fast in [*((m, p.fast_path) for m, p in fast_policies.items()),
+                                                               *denoiser_fast_paths.items()] for n in fast.stats.notes]
     for note in notes + list(dict.fromkeys(mode_notes)):
         print(f"note: {note}")
     print(f"results: {out_dir}")

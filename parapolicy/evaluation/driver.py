@@ -110,7 +110,8 @@ def run_eval(cfg: DictConfig, out_dir: Path) -> dict:
     realtime = timing_options(cfg)
     summary["timing"] = realtime["timing"]
     for run_label, run_summary in summary["runs"].items():
-        run_summary.update(describe(realtime, run_label, runs[run_label].sampler_name))
+        run_summary.update(describe(realtime, run_label, runs[run_label].sampler_name,
+                                    getattr(runs[run_label], "config", None)))
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     latencies = {lbl: [c["latency_ms"] for ep in episodes if ep["run"] == lbl for c in ep["calls"]] for lbl in runs}
     plot_latency(latencies, out_dir / "latency.png")

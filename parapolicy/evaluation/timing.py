@@ -44,10 +44,14 @@ def timing_options(cfg: DictConfig) -> dict:
     return {"timing": timing, "latency": latency, "transition": transition, "execution_horizon": horizon}
 
 
-def describe(options: dict, label: str, sampler_name: str | None = None) -> dict:
-    """What summary.json records of a run's real-time options (the profile run it replays, if any)."""
+def describe(options: dict, label: str, sampler_name: str | None = None, config=None) -> dict:
+    """What summary.json records of a run's real-time options (the profile run it replays, if any, and the
+    transition ``auto`` chose for the policy of ``config``)."""
     if options["timing"] == "sync":
         return {"timing": "sync"}
     latency = LatencyModel.parse(options["latency"], label, sampler_name).describe()
-    return {"timing": options["timing"], "latency": latency, "transition": options["transition"],
+    transition = options["transition"]
+    if config is not None:
+        transition = Transition.parse(transition, config).name
+    return {"timing": options["timing"], "latency": latency, "transition": transition,
             "execution_horizon": options["execution_horizon"]}

@@ -1,7 +1,8 @@
 """Importers for policies trained elsewhere (``python -m parapolicy.convert``).
 
 - ``safe_pickle``: read torch / dill checkpoints without running pickled code.
-- ``diffusion_policy``: real-stanford/diffusion_policy low-dim U-Net workspace checkpoints (``.ckpt``).
+- ``diffusion_policy``: real-stanford/diffusion_policy low-dim U-Net workspace checkpoints (``.ckpt``);
+  ``dp_image`` its image policies, ``dp_transformer`` its transformer (DP-T) policies.
 - ``lerobot``: LeRobot state-only diffusion checkpoint folders (``save_pretrained``).
 """
 

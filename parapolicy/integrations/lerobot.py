@@ -261,16 +261,17 @@ def install(policy_class: type, sampler: str = "paraddpm", model_class: type | N
     }
     stock_sample, stock_predict, stock_reset = (originals[k] for k in ("conditional_sample", "predict_action_chunk", "reset"))
     options = dict(options)
+    generation = object()  # a model's sampler built under an earlier install() is rebuilt
 
     def conditional_sample(self, batch_size: int, global_cond=None, generator=None, noise=None):
         if self.training:
             return stock_sample(self, batch_size, global_cond=global_cond, generator=generator, noise=noise)
-        session = self.__dict__.get(_SESSION_ATTR)
-        if session is None:
+        built, session = self.__dict__.get(_SESSION_ATTR, (None, None))
+        if built is not generation:
             name = sampler_for_family(sampler, scheduler_family(self.noise_scheduler))
             fn = _sample_fn(name, _public(self.noise_scheduler.config), options, {}, "last_info", lambda m: [m])
             session = types.MethodType(fn, self)
-            object.__setattr__(self, _SESSION_ATTR, session)
+            object.__setattr__(self, _SESSION_ATTR, (generation, session))
         return session(batch_size, global_cond=global_cond, generator=generator, noise=noise)
 
     def predict_action_chunk(self, batch, noise=None, inference_delay=None, prev_chunk_left_over=None, **kwargs):

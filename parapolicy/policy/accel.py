@@ -579,7 +579,12 @@ _AUTO: "weakref.WeakKeyDictionary[nn.Module, FastPath]" = weakref.WeakKeyDiction
 
 
 def make_fast_path(enabled: Any = True, **options: Any) -> Any:
-    """The value of ``policy.fast_path`` for ``enabled``: a FastPath (True), None (False) or "auto"."""
+    """The value of ``policy.fast_path`` for ``enabled``: a FastPath (True, or ``enabled`` itself when
+    it is one), None (False) or "auto"."""
+    if isinstance(enabled, FastPath):
+        if options:
+            raise ValueError("options go to FastPath(...) itself when passing a FastPath")
+        return enabled
     if enabled == "auto":
         if options:
             raise ValueError("options need an explicit fast path (enabled=True); 'auto' uses the defaults")
@@ -592,13 +597,15 @@ def make_fast_path(enabled: Any = True, **options: Any) -> Any:
 
 
 def eval_fast_path(mode: Any, device: Any) -> Any:
-    """The fast path an evaluation asks for with ``mode`` (its ``fast_path`` setting) on ``device``:
-    "auto" turns it on on CPU when OpenVINO or ONNX Runtime is installed (they beat eager and
-    TorchScript on the CPU here: benchmarks/RESULTS.md, issue #36), else stays "auto" (CUDA graphs on
-    CUDA, the plain path on CPU); any other value is returned as it is."""
-    if mode != "auto" or torch.device(device).type != "cpu":
+    """The fast path an evaluation runs for its ``fast_path`` setting ``mode`` on ``device`` (what
+    ``load_policy(fast_path=...)`` takes). "auto" on CPU with OpenVINO installed: a FastPath with the
+    ``openvino`` backend (the fastest at every shape measured here, benchmarks/RESULTS.md; still
+    checked against eager per shape, eager where it fails). Forced rather than timed, so that the
+    driver and its workers (Ray, a split run) pick the same backend and plan the same episodes. Without
+    OpenVINO "auto" stays "auto" (CUDA graphs on CUDA, the plain path on CPU); other values are kept."""
+    if mode != "auto" or torch.device(device).type != "cpu" or missing("openvino") is not None:
         return mode
-    return True if any(missing(name) is None for name in RUNTIMES) else mode
+    return FastPath(backend="openvino")
 
 
 def apply_fast_path(policy: Any, denoise: Denoiser, global_cond: torch.Tensor) -> Denoiser:
@@ -666,5 +673,7 @@ def warm_up(policy: Any, batch_size: int = 1) -> dict:
         global_cond = global_condition(policy, obs, frames)  # CPU: picks the encoder's backend for this batch
     else:
         global_cond = norm.normalize(obs).flatten(1)
+    if getattr(cfg, "max_delay", 0):  # a delay-conditioned network also takes the known-actions columns
+        global_cond = torch.cat([global_cond, policy.known_condition(None, torch.zeros(int(batch_size)))], dim=-1)
     backends = fast.prepare(policy.model, global_cond, (cfg.horizon, cfg.sample_dim), policy.sampler)
     return {"backends": backends, "warmup_s": sum(fast.stats.warmup_s.values()) - before}

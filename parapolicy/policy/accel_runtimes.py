@@ -7,7 +7,9 @@ if its output equals eager's within ``atol`` (the check lives there, not here).
 The exported graphs are cached on disk, so that a second process does not export again. A file's name
 is a digest of everything its content depends on: the module's weights and buffers (their bytes), its
 architecture (``repr`` and the source of its classes), the input shapes and dtypes, and the versions
-of torch, onnx and the runtime. Changing a weight, the code, a shape or a library gives another name;
+of torch, onnx and onnxscript; both runtimes read the same file (OpenVINO's compiled blobs are kept
+per OpenVINO version). A Diffusion Policy-size U-Net takes about 1 GB per shape (and as much again for
+OpenVINO's blob): delete the folder to reclaim it. Changing a weight, the code, a shape or a library gives another name;
 stale files are never read. The cache is ``$PARAPOLICY_CACHE`` if set, else
 ``$XDG_CACHE_HOME/parapolicy`` (``~/.cache/parapolicy``), subfolder ``fast_path``; OpenVINO also
 keeps its compiled blobs there (its ``CACHE_DIR``, per OpenVINO version).
@@ -37,6 +39,7 @@ from torch import nn
 RUNTIMES = ("openvino", "onnxruntime")
 # what each backend imports: the exporter needs onnx (torch.onnx writes through it), the runtime its own
 _MODULES = {"openvino": ("onnx", "openvino"), "onnxruntime": ("onnx", "onnxruntime")}
+_EXPORTER = ("onnx", "onnxscript")  # besides torch: what an exported graph's bytes depend on
 _EXTRA = {"openvino": "openvino", "onnxruntime": "onnx"}
 ONNX_OPSET = 17
 CACHE_ENV = "PARAPOLICY_CACHE"
@@ -64,11 +67,15 @@ def cache_dir(override: Optional[str] = None) -> Path:
     return root / "fast_path"
 
 
-def library_versions(name: str) -> dict:
-    """The versions an artifact of backend ``name`` depends on (part of its cache key)."""
+def library_versions(name: Optional[str] = None) -> dict:
+    """The versions of torch and the exporter's libraries (an exported graph's cache key holds them),
+    plus those of backend ``name``'s runtime when given."""
     versions = {"torch": torch.__version__}
-    for module in _MODULES[name]:
-        versions[module] = str(getattr(importlib.import_module(module), "__version__", "?"))
+    for module in (*_EXPORTER, *(_MODULES[name] if name else ())):
+        try:
+            versions[module] = str(getattr(importlib.import_module(module), "__version__", "?"))
+        except Exception:  # onnxscript is optional (torch.export's exporter only)
+            versions[module] = None
     return versions
 
 
@@ -107,10 +114,11 @@ def weights_digest(module: nn.Module) -> str:
     return _DIGESTS[memo]
 
 
-def artifact_key(name: str, module: nn.Module, inputs: Sequence[torch.Tensor]) -> str:
-    """The cache key of backend ``name``'s graph of ``module`` at the shapes of ``inputs``."""
-    parts = {"backend": name, "weights": weights_digest(module), "opset": ONNX_OPSET,
-             "inputs": [[list(x.shape), str(x.dtype)] for x in inputs], "versions": library_versions(name)}
+def artifact_key(module: nn.Module, inputs: Sequence[torch.Tensor]) -> str:
+    """The cache key of the ONNX graph of ``module`` at the shapes of ``inputs``: one file serves both
+    runtimes (OpenVINO keeps its compiled blobs per OpenVINO version beside it)."""
+    parts = {"weights": weights_digest(module), "opset": ONNX_OPSET,
+             "inputs": [[list(x.shape), str(x.dtype)] for x in inputs], "versions": library_versions()}
     return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=16).hexdigest()
 
 
@@ -168,9 +176,9 @@ class RuntimeCache:
         self.hits = 0
 
     def graph(self, name: str, module: nn.Module, inputs: Sequence[torch.Tensor]) -> Path:
-        """The cached ONNX file for (backend ``name``, ``module``'s weights, these shapes), exported now
-        if absent."""
-        path = cache_dir(self.directory) / name / f"{artifact_key(name, module, inputs)}.onnx"
+        """The cached ONNX file for ``module``'s weights at these shapes (whichever runtime ``name``
+        opens it), exported now if absent."""
+        path = cache_dir(self.directory) / "onnx" / f"{artifact_key(module, inputs)}.onnx"
         if path.exists():
             self.hits += 1
             return path

@@ -42,7 +42,7 @@ def server(camera_policy, lerobot_env, tmp_path_factory):
              "--inference_latency=0", "--obs_queue_timeout=2", "--max_seconds=240", f"--seed={SEED}"],
             env=env, stdout=out, stderr=subprocess.STDOUT, cwd=log.parent)
     address = f"127.0.0.1:{port}"
-    deadline = time.time() + 120
+    deadline = time.time() + 300  # importing lerobot + torch takes ~10 s idle, minutes on a loaded box
     while time.time() < deadline:
         if "PolicyServer on" in log.read_text():
             break
