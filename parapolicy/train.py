@@ -216,6 +216,7 @@ def build_policy_config(cfg: DictConfig, obs_dim: int, action_dim: int) -> Diffu
         num_inference_steps=p.num_inference_steps,
         sampler_options=OmegaConf.to_container(p.sampler_options, resolve=True) if p.get("sampler_options") else {},
         max_delay=int(p.get("max_delay") or 0),
+        committed_in_sample=str(p.get("committed_in_sample") or "noised"),
         network=OmegaConf.to_container(p.network, resolve=True) if p.get("network") else {},
     )
 
@@ -346,7 +347,8 @@ def train(cfg: DictConfig) -> Path:
         )
         if policy_config.delay_conditioned:
             training_info["delay"] = {"max_delay": policy_config.max_delay, "none_prob": policy.delay_none_prob,
-                                      "known_positions": policy_config.known_positions}
+                                      "known_positions": policy_config.known_positions,
+                                      "committed_in_sample": policy_config.committed_in_sample}
         save_checkpoint(ema.model, out_dir, training=training_info)
         save_training_state(state_dir, policy, ema, optimizer, generator, {
             "step": step, "loss_ema": loss_ema, "elapsed_s": elapsed, "policy_config": policy_config.to_dict(),

@@ -231,6 +231,40 @@ def test_predict_action_with_the_trained_prefix_is_the_sequential_plan(parallel)
     torch.testing.assert_close(warm["action_pred"], expected["action_pred"], rtol=0, atol=1e-4)
 
 
+def test_clean_committed_positions_in_training_and_at_every_step():
+    """committed_in_sample='clean' (training-time RTC): the network sees the committed positions at noise
+    level 0, in the loss's input and at every denoising step of a plan, and stays exact under Picard."""
+    policy = delay_policy(committed_in_sample="clean").train()
+    policy.delay_none_prob = 0.0
+    seen = []
+    hook = policy.model.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    batch = {"obs": obs_batch(policy, 8), "action": torch.rand(8, 16, ACTION_DIM) - 0.5}
+    lengths = policy.draw_known_lengths(8, torch.Generator().manual_seed(5))
+    policy.draw_known_lengths = lambda *args, **kwargs: lengths
+    policy.compute_loss(batch, torch.Generator().manual_seed(5))
+    actions = policy.normalizer.action.normalize(batch["action"])
+    for row, length in enumerate(lengths.tolist()):
+        assert torch.equal(seen[0][row, :length], actions[row, :length])  # clean where committed
+        assert not torch.equal(seen[0][row, length:], actions[row, length:])  # noised elsewhere
+    del policy.draw_known_lengths
+
+    policy.eval()
+    _wake_known_columns(policy)
+    seen.clear()
+    prefix = torch.rand(2, START + 3, ACTION_DIM, generator=torch.Generator().manual_seed(2))
+    policy.set_sampler("ddim", 6)
+    out = policy.predict_action(obs_batch(policy), generator=torch.Generator().manual_seed(3), prefix=prefix)
+    clean = policy.normalizer.action.normalize(prefix)
+    assert len(seen) == 6 and all(torch.allclose(x[:, : START + 3], clean, atol=1e-6) for x in seen)
+    torch.testing.assert_close(out["action_pred"][:, : START + 3], prefix)
+    policy.set_sampler("paraddim", 6, tolerance=1e-7)
+    parallel = policy.predict_action(obs_batch(policy), generator=torch.Generator().manual_seed(3), prefix=prefix)
+    torch.testing.assert_close(parallel["action_pred"], out["action_pred"], rtol=0, atol=1e-4)
+    hook.remove()
+    with pytest.raises(ValueError, match="committed_in_sample"):
+        tiny_config(max_delay=4, committed_in_sample="fresh")
+
+
 def _wake_known_columns(policy):
     """Make the (randomly initialised) network depend clearly on the known-actions columns."""
     known = policy.config.known_cond_dim
@@ -327,7 +361,8 @@ def test_fine_tuning_for_delay_records_it_and_starts_from_the_original(tmp_path)
     policy, original = load_checkpoint(frozen), load_checkpoint(source)
     assert policy.config.max_delay == 5 and policy.config.horizon == 24
     info = policy.training_info
-    assert info["delay"] == {"max_delay": 5, "none_prob": 0.1, "known_positions": START + 5}
+    assert info["delay"] == {"max_delay": 5, "none_prob": 0.1, "known_positions": START + 5,
+                             "committed_in_sample": "noised"}
     assert info["stages"][-1]["init_from"] == str(source)
     # lr = 0: the U-Net's weights are the source's, the new FiLM columns zero
     theirs, ours = original.state_dict(), policy.state_dict()

@@ -64,6 +64,9 @@ class DiffusionPolicyConfig:
     # commits to before the chunk can take over (positions ``[0, action_start + d)``, d <= max_delay)
     # as clean values with a known-position mask in its global conditioning. 0: an ordinary policy.
     max_delay: int = 0
+    # How the committed positions appear in the sample the network denoises: "noised" to each step's level
+    # (RePaint, as an ordinary policy was trained) or "clean" at every step (training-time RTC).
+    committed_in_sample: str = "noised"
 
     def __post_init__(self) -> None:
         self.obs_keys = list(self.obs_keys)
@@ -92,6 +95,8 @@ class DiffusionPolicyConfig:
             raise ValueError(f"horizon {self.horizon} must be divisible by 2**{levels} for down_dims {self.down_dims}")
         if isinstance(self.max_delay, bool) or not isinstance(self.max_delay, int) or self.max_delay < 0:
             raise ValueError(f"max_delay must be an integer >= 0, got {self.max_delay!r}")
+        if self.committed_in_sample not in ("noised", "clean"):
+            raise ValueError(f"committed_in_sample must be 'noised' or 'clean', got {self.committed_in_sample!r}")
         if self.max_delay and self.action_start + 1 > self.horizon - 1:
             raise ValueError(f"horizon {self.horizon} leaves no position to plan after the committed ones")
         if self.uses_unet and any(d % self.n_groups for d in self.down_dims):

@@ -137,6 +137,8 @@ class DiffusionPolicy(nn.Module):
             positions = torch.arange(actions.shape[1], device=actions.device)
             learned = (positions[None] >= lengths[:, None]).to(actions.dtype)
         noisy = self.noise_scheduler.add_noise(actions, noise, timesteps)
+        if learned is not None and self.config.committed_in_sample == "clean":
+            noisy = torch.where(learned[..., None] > 0, noisy, actions)  # committed positions given clean
         pred = self.model(noisy, timesteps, global_cond)
         if self.config.prediction_type == "epsilon":
             target = noise
@@ -346,7 +348,10 @@ class DiffusionPolicy(nn.Module):
             denoise = apply_fast_path(self, denoise, global_cond)
         constraint = None
         if prefix is not None:
-            constraint = self._prefix_constraint(prefix, prefix_weights, prefix_noise, batch, generator)
+            clean = False  # a policy trained with the committed positions clean in the sample, told them
+            if cfg.delay_conditioned and cfg.committed_in_sample == "clean":
+                clean = bool(known[:, cfg.known_positions * cfg.action_dim :].any())
+            constraint = self._prefix_constraint(prefix, prefix_weights, prefix_noise, batch, generator, clean)
             denoise = constraint.wrap(denoise)
         elif prefix_weights is not None or prefix_noise is not None:
             raise ValueError("prefix_weights and prefix_noise need a prefix")
@@ -388,8 +393,9 @@ class DiffusionPolicy(nn.Module):
             raise ValueError(f"prefix must have shape [B={batch}, L, {self.config.action_dim}], got {list(prefix.shape)}")
         return self.known_condition(self.normalizer.action.normalize(prefix), prefix.shape[1])
 
-    def _prefix_constraint(self, prefix, weights, eta, batch: int, generator):
-        """``predict_action``'s prefix arguments, checked and normalised -> a ``PrefixConstraint``."""
+    def _prefix_constraint(self, prefix, weights, eta, batch: int, generator, clean: bool = False):
+        """``predict_action``'s prefix arguments, checked and normalised -> a ``PrefixConstraint``; ``clean``:
+        imposed at noise level 0 at every step (a policy trained with ``committed_in_sample="clean"``)."""
         from parapolicy.samplers.constraints import PrefixConstraint
 
         cfg = self.config
@@ -411,8 +417,9 @@ class DiffusionPolicy(nn.Module):
             gen_device = generator.device if generator is not None else self.device
             eta = torch.randn(prefix.shape, generator=generator, device=gen_device)
         eta = torch.as_tensor(eta, dtype=torch.float32).to(self.device)
+        alphas_cumprod = self.noise_scheduler.alphas_cumprod
         return PrefixConstraint(self.normalizer.action.normalize(prefix), weights, eta,
-                                self.noise_scheduler.alphas_cumprod)
+                                torch.ones_like(alphas_cumprod) if clean else alphas_cumprod)
 
     # ------------------------------------------------------------------ control-loop API
     def reset(self) -> None:

@@ -39,7 +39,7 @@ def server(camera_policy, lerobot_env, tmp_path_factory):
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "lerobot_policy_parapolicy.policy_server", f"--port={port}", "--fps=30",
-             "--inference_latency=0", "--obs_queue_timeout=2", "--max_seconds=240", f"--seed={SEED}"],
+             "--inference_latency=0", "--obs_queue_timeout=2", "--max_seconds=1800", f"--seed={SEED}"],
             env=env, stdout=out, stderr=subprocess.STDOUT, cwd=log.parent)
     address = f"127.0.0.1:{port}"
     deadline = time.time() + 300  # importing lerobot + torch takes ~10 s idle, minutes on a loaded box
@@ -205,7 +205,7 @@ def test_lerobots_robot_client_runs_against_the_server(server, tmp_path, monkeyp
     loop = threading.Thread(target=client.control_loop, kwargs={"task": ""}, daemon=True)
     receiver.start()
     loop.start()
-    deadline = time.time() + 60
+    deadline = time.time() + 300  # seconds on an idle box; the bound is for a loaded one
     while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 24):
         time.sleep(0.5)
     client.shutdown_event.set()
@@ -214,5 +214,5 @@ def test_lerobots_robot_client_runs_against_the_server(server, tmp_path, monkeyp
     client.robot.disconnect()
     client.channel.close()
     executed = [line for line in log.read_text().splitlines()] if log.exists() else []
-    assert len(executed) >= 24, f"the robot executed {len(executed)} actions in 60 s"
+    assert len(executed) >= 24, f"the robot executed {len(executed)} actions in 300 s"
     assert "planning for" not in server["log"].read_text()  # no failed plan
