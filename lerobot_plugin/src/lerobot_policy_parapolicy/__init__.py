@@ -24,9 +24,9 @@ INSTALLED: str | None = None  # the log line, once swapped
 
 
 def _say(message: str, level: int = logging.INFO) -> None:
-    if logging.getLogger().handlers or logger.handlers:
+    if logger.isEnabledFor(level) and (logging.getLogger().handlers or logger.handlers):
         logger.log(level, message)
-    else:  # no logging set up yet: still one line on stderr
+    else:  # logging not set up yet (lerobot-rollout loads plugins first) or filtered: still one line on stderr
         print(f"[lerobot_policy_parapolicy] {message}", file=sys.stderr)
 
 
