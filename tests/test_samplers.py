@@ -473,12 +473,10 @@ def test_deadline_counts_milliseconds_since_the_call(monkeypatch):
     """deadline_ms: stop after the first round that ends more than deadline_ms after sample() was called.
     A fake clock (each model call takes one second) makes rounds end at 1, 2, 3, 4 s: 3 s is not past
     3000 ms, 4 s is."""
-    from parapolicy.samplers import base, picard
+    from parapolicy.samplers import base
 
     clock = [100.0]
-    fake_time = type("Clock", (), {"perf_counter": staticmethod(lambda: clock[0])})
-    monkeypatch.setattr(base, "time", fake_time)
-    monkeypatch.setattr(picard, "time", fake_time)
+    monkeypatch.setattr(base, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: clock[0])}))
     model = net_denoiser()
 
     def denoise(x, t):
@@ -559,3 +557,20 @@ def test_parallel_matches_sequential_with_trailing_spacing(name, steps, kind):
     assert out.converged and out.rounds <= steps
     assert rel_err(out.sample, expected.sample) < 1e-6
     assert rel_err(out.trajectory, expected.trajectory) < 1e-6
+
+
+def test_parallel_samplers_share_one_stopping_rule():
+    """Picard, SRDS and ParaTAA are ParallelSamplers: one tolerance / deadline check and one clock; the
+    sequential samplers have none of it."""
+    from parapolicy.samplers.base import ParallelSampler
+
+    for name in ("paraddpm", "paraddim", "paradpmsolver", "parasrdsddpm", "parasrdsddim", "parataaddpm", "parataaddim"):
+        sampler = make_sampler(name, POLICY, 10)
+        assert isinstance(sampler, ParallelSampler) and sampler.is_parallel, name
+        for bad in ({"tolerance": -1}, {"tolerance": float("inf")}, {"deadline_ms": True}):
+            with pytest.raises(ValueError, match="tolerance|deadline_ms"):
+                make_sampler(name, POLICY, 10, **bad)
+    for name in ("ddpm", "ddim", "dpmsolver"):
+        sampler = make_sampler(name, POLICY, 10)
+        assert not isinstance(sampler, ParallelSampler) and not sampler.is_parallel
+        assert not hasattr(sampler, "_out_of_budget")

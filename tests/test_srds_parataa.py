@@ -274,12 +274,12 @@ def test_srds_warm_start_from_the_answer_takes_one_iteration():
 
 
 def clocked_srds_denoiser(monkeypatch, start_s: float):
-    """SRDS's clock replaced by a fake one at ``start_s`` seconds that a model call advances by one second
+    """The parallel samplers' clock (``ParallelSampler._clock``) replaced by a fake one at ``start_s`` seconds that a model call advances by one second
     (one call per round), and that model: ``(clock, denoise)``, the clock a one-element list."""
-    from parapolicy.samplers import srds as srds_module
+    from parapolicy.samplers import base
 
     clock = [start_s]
-    monkeypatch.setattr(srds_module, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: clock[0])}))
+    monkeypatch.setattr(base, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: clock[0])}))
     model = net_denoiser()
 
     def denoise(x, t):

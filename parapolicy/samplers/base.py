@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import inspect
+import math
 from typing import Callable, ClassVar, Optional
 
 import torch
@@ -357,12 +358,6 @@ class Sampler:
             trajectory[end + 1 : new_end + 1] = trajectory[end]
         return new_begin
 
-    def _out_of_budget(self, rounds: int, started: float) -> bool:
-        """``max_rounds`` reached, or ``deadline_ms`` passed since ``started`` (a perf_counter time)."""
-        if rounds >= self.max_rounds:
-            return True
-        return self.deadline_ms is not None and (time.perf_counter() - started) * 1e3 > self.deadline_ms
-
     # ------------------------------------------------------------------ sampling
     def _reset_scheduler(self) -> None:
         """Clear the scheduler's per-sample state (multistep history, step index) before a sequential run."""
@@ -403,3 +398,54 @@ class Sampler:
         # Every constructor option that the sampler keeps under its own name (scheduler_kwargs is not kept).
         options = "".join(f", {key}={getattr(self, key)!r}" for key in self.option_names() if hasattr(self, key))
         return f"{type(self).__name__}(name={self.name!r}, num_inference_steps={self.num_inference_steps}{options})"
+
+
+def check_tolerance(name: str, value) -> float:
+    """A finite number >= 0 (a tolerance, a ridge), as float; ValueError naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def check_deadline(deadline_ms) -> Optional[float]:
+    """None, or a number of milliseconds >= 0."""
+    if deadline_ms is not None and (
+        isinstance(deadline_ms, bool) or not isinstance(deadline_ms, (int, float)) or not deadline_ms >= 0
+    ):
+        raise ValueError(f"deadline_ms must be None or a number >= 0, got {deadline_ms!r}")
+    return deadline_ms
+
+
+class ParallelSampler(Sampler):
+    """What Picard, SRDS and ParaTAA share: they solve every step at once, in rounds, until a ``tolerance``
+    is met, a round budget is spent, or ``deadline_ms`` has passed since ``sample()`` began.
+
+    A subclass calls ``_set_stopping(tolerance, deadline_ms)`` before the solver's ``__init__`` and, if it
+    counts rounds (Picard, ParaTAA; SRDS counts iterations), ``_set_round_budget(name, value)`` after it
+    (the default budget is N rounds, known only then); ``sample()`` takes ``started = self._clock()``
+    first and asks ``_past_deadline(started)`` or ``_out_of_budget(rounds, started)`` after each round.
+    """
+
+    is_parallel: ClassVar[bool] = True
+    max_rounds: int
+
+    def _set_stopping(self, tolerance, deadline_ms) -> None:
+        self.tolerance = check_tolerance("tolerance", tolerance)
+        self.deadline_ms = check_deadline(deadline_ms)
+
+    def _set_round_budget(self, name: str, value: Optional[int]) -> int:
+        """``value`` checked (default: N), kept as ``max_rounds``; returns it."""
+        self.max_rounds = self.num_inference_steps if value is None else check_positive_int(name, value)
+        return self.max_rounds
+
+    @staticmethod
+    def _clock() -> float:
+        return time.perf_counter()
+
+    def _past_deadline(self, started: float) -> bool:
+        """``deadline_ms`` passed since ``started`` (a ``_clock()`` time); a round ending exactly on it goes on."""
+        return self.deadline_ms is not None and (self._clock() - started) * 1e3 > self.deadline_ms
+
+    def _out_of_budget(self, rounds: int, started: float) -> bool:
+        """``max_rounds`` reached, or ``deadline_ms`` passed since ``started``."""
+        return rounds >= self.max_rounds or self._past_deadline(started)

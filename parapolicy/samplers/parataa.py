@@ -23,24 +23,23 @@ over the steps x_{i+1} depends on (b..i: the "triangular" part; cumulative sums 
 
 from __future__ import annotations
 
-import time
 from typing import Optional
 
 import torch
 
 from parapolicy.samplers.base import (
     Denoiser,
+    ParallelSampler,
     SampleOutput,
-    Sampler,
     accumulation_dtype,
     check_positive_int,
+    check_tolerance,
 )
 from parapolicy.samplers.ddim import DDIMSampler
 from parapolicy.samplers.ddpm import DDPMSampler
-from parapolicy.samplers.srds import check_deadline, check_tolerance
 
 
-class ParaTAASampler(Sampler):
+class ParaTAASampler(ParallelSampler):
     """Sliding-window ParaTAA on top of a one-step solver class (mixed in before it).
 
     Options:
@@ -79,8 +78,6 @@ class ParaTAASampler(Sampler):
     ``tolerance``. Sums run in float32 or wider whatever the model's dtype.
     """
 
-    is_parallel = True
-
     def __init__(
         self,
         scheduler_config,
@@ -103,12 +100,11 @@ class ParaTAASampler(Sampler):
         if unroll not in ("picard", "ddim"):
             raise ValueError(f"unroll must be 'picard' or 'ddim', got {unroll!r}")
         self.unroll = unroll
-        self.tolerance = check_tolerance("tolerance", tolerance)
+        self._set_stopping(tolerance, deadline_ms)
         self.abs_tolerance = self.tolerance / 100 if abs_tolerance is None else check_tolerance("abs_tolerance", abs_tolerance)
         self.ridge = check_tolerance("ridge", ridge)
-        self.deadline_ms = check_deadline(deadline_ms)
         super().__init__(scheduler_config, num_inference_steps, **solver_options)
-        self.max_rounds = self.num_inference_steps if max_rounds is None else check_positive_int("max_rounds", max_rounds)
+        self._set_round_budget("max_rounds", max_rounds)
         if unroll == "ddim":
             alpha_from, alpha_to = self.step_alphas_cumprod()
             log_a = 0.5 * (alpha_to / alpha_from).log()
@@ -143,7 +139,7 @@ class ParaTAASampler(Sampler):
 
     def sample(self, denoise: Denoiser, x_T: torch.Tensor, noise=None, generator=None, init=None) -> SampleOutput:
         """ParaTAA sampling. x_T ``[B, *event]``; noise ``[N, B, *event]``; init ``[N + 1, B, *event]``."""
-        start_time = time.perf_counter()
+        start_time = self._clock()
         self.check_x_T(x_T)
         n, p, batch = self.num_inference_steps, min(self.window, self.num_inference_steps), x_T.shape[0]
         m = self.history

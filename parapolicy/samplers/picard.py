@@ -10,16 +10,14 @@ and at most N rounds are needed (``window=1`` is the sequential sampler).
 
 from __future__ import annotations
 
-import math
-import time
 from typing import Optional
 
 import torch
 
 from parapolicy.samplers.base import (
     Denoiser,
+    ParallelSampler,
     SampleOutput,
-    Sampler,
     accumulation_dtype,
     check_positive_int,
 )
@@ -28,7 +26,7 @@ from parapolicy.samplers.ddpm import DDPMSampler
 from parapolicy.samplers.dpmsolver import DPMSolverSampler
 
 
-class PicardSampler(Sampler):
+class PicardSampler(ParallelSampler):
     """Sliding-window Picard iteration on top of any solver class (mixed in before it).
 
     Options:
@@ -53,8 +51,6 @@ class PicardSampler(Sampler):
     Sums run in float32 or wider (the trajectory buffer's dtype) whatever the model's dtype.
     """
 
-    is_parallel = True
-
     def __init__(
         self,
         scheduler_config,
@@ -67,20 +63,13 @@ class PicardSampler(Sampler):
         **solver_options,
     ):
         self.window = check_positive_int("window", window)
-        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance >= 0:
-            raise ValueError(f"tolerance must be a number >= 0, got {tolerance!r}")
-        if deadline_ms is not None and (
-            isinstance(deadline_ms, bool) or not isinstance(deadline_ms, (int, float)) or not deadline_ms >= 0
-        ):
-            raise ValueError(f"deadline_ms must be None or a number >= 0, got {deadline_ms!r}")
-        self.tolerance = float(tolerance)
-        self.deadline_ms = deadline_ms
+        self._set_stopping(tolerance, deadline_ms)
         super().__init__(scheduler_config, num_inference_steps, **solver_options)
-        self.max_rounds = self.num_inference_steps if max_rounds is None else check_positive_int("max_rounds", max_rounds)
+        self._set_round_budget("max_rounds", max_rounds)
 
     def sample(self, denoise: Denoiser, x_T: torch.Tensor, noise=None, generator=None, init=None) -> SampleOutput:
         """Picard sampling. x_T ``[B, *event]``; noise ``[N, B, *event]``; init ``[N + 1, B, *event]``."""
-        start = time.perf_counter()
+        start = self._clock()
         self.check_x_T(x_T)
         n, p, batch = self.num_inference_steps, min(self.window, self.num_inference_steps), x_T.shape[0]
         acc = accumulation_dtype(x_T.dtype)

@@ -24,15 +24,14 @@ more rounds than the sequential sampler, and all B iterations take exactly N.
 from __future__ import annotations
 
 import math
-import time
 from typing import Optional
 
 import torch
 
 from parapolicy.samplers.base import (
     Denoiser,
+    ParallelSampler,
     SampleOutput,
-    Sampler,
     accumulation_dtype,
     check_positive_int,
 )
@@ -40,18 +39,6 @@ from parapolicy.samplers.ddim import DDIMSampler
 from parapolicy.samplers.ddpm import DDPMSampler
 
 
-def check_tolerance(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
-def check_deadline(deadline_ms):
-    if deadline_ms is not None and (
-        isinstance(deadline_ms, bool) or not isinstance(deadline_ms, (int, float)) or not deadline_ms >= 0
-    ):
-        raise ValueError(f"deadline_ms must be None or a number >= 0, got {deadline_ms!r}")
-    return deadline_ms
 
 
 class _Chain:
@@ -64,7 +51,7 @@ class _Chain:
         self.point, self.interior, self.coarse_only = point, [], coarse_only
 
 
-class SRDSSampler(Sampler):
+class SRDSSampler(ParallelSampler):
     """Pipelined Parareal (SRDS) on top of a one-step solver class (mixed in before it).
 
     Options:
@@ -97,8 +84,6 @@ class SRDSSampler(Sampler):
     Sums run in float32 or wider whatever the model's dtype.
     """
 
-    is_parallel = True
-
     def __init__(
         self,
         scheduler_config,
@@ -110,8 +95,7 @@ class SRDSSampler(Sampler):
         deadline_ms: Optional[float] = None,
         **solver_options,
     ):
-        self.tolerance = check_tolerance("tolerance", tolerance)
-        self.deadline_ms = check_deadline(deadline_ms)
+        self._set_stopping(tolerance, deadline_ms)
         super().__init__(scheduler_config, num_inference_steps, **solver_options)
         n = self.num_inference_steps
         if num_blocks is None:
@@ -165,7 +149,7 @@ class SRDSSampler(Sampler):
     # ------------------------------------------------------------------ sampling
     def sample(self, denoise: Denoiser, x_T: torch.Tensor, noise=None, generator=None, init=None) -> SampleOutput:
         """Pipelined SRDS. x_T ``[B, *event]``; noise ``[N, B, *event]``; init ``[N + 1, B, *event]``."""
-        start_time = time.perf_counter()
+        start_time = self._clock()
         self.check_x_T(x_T)
         n, num_blocks, max_iters = self.num_inference_steps, self.num_blocks, self.max_iters
         bounds = self.boundaries
@@ -279,7 +263,7 @@ class SRDSSampler(Sampler):
                     done = True
             if done:
                 break
-            if self.deadline_ms is not None and (time.perf_counter() - start_time) * 1e3 > self.deadline_ms:
+            if self._past_deadline(start_time):
                 break
             start_ready()
 
