@@ -18,7 +18,7 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> None:
-    from parapolicy.evaluation.report import collect_rows, format_realtime_rows, format_rows, plot_realtime, plot_rows
+    from parapolicy.evaluation.sweeps import collect_rows, format_realtime_rows, format_rows, plot_realtime, plot_rows
 
     parser = argparse.ArgumentParser(prog="python -m parapolicy.report", description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path, help="a folder holding eval summary.json files (any depth)")

@@ -1,6 +1,6 @@
 """Rollout video tools: ``python -m parapolicy.video preview <rollout.mp4> <out.gif>``.
 
-The eval's videos (``python -m parapolicy.eval video=true``) are written by ``parapolicy.evaluation.video``.
+The eval's videos (``python -m parapolicy.eval video=true``) are written by ``parapolicy.evaluation.recording``.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> None:
-    from parapolicy.evaluation.video import preview_indices, read_frames, write_preview
+    from parapolicy.evaluation.recording import preview_indices, read_frames, write_preview
 
     parser = argparse.ArgumentParser(prog="python -m parapolicy.video", description="Rollout video tools.")
     sub = parser.add_subparsers(dest="command", required=True)

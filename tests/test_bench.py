@@ -315,7 +315,7 @@ def test_deviation_vs_twin_is_the_gap_between_the_same_calls(one_thread):
     import torch
 
     from parapolicy.bench.jobs import Job, with_sampler
-    from parapolicy.bench.timing import summarize_phase, time_phase
+    from parapolicy.bench.timed_calls import summarize_phase, time_phase
 
     policy = tiny_policy()
     cfg = policy.config

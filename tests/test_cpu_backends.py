@@ -135,7 +135,7 @@ def test_bench_backend_modes_and_per_shape_comparison():
     from omegaconf import OmegaConf
 
     from parapolicy.bench.jobs import build_jobs, fast_modes, mode_backend
-    from parapolicy.bench.report import backend_comparison, format_backends
+    from parapolicy.bench.tables import backend_comparison, format_backends
 
     cpu = torch.device("cpu")
     cfg = OmegaConf.create({"fast_path": "both", "fast_path_backends": [["eager", "trace"], "openvino"]})

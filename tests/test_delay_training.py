@@ -389,7 +389,7 @@ def test_fast_path_warms_up_and_plans_a_delay_policy():
 
 
 def test_the_eval_records_the_transition_auto_chose():
-    from parapolicy.evaluation.timing import describe
+    from parapolicy.evaluation.realtime_options import describe
 
     options = {"timing": "async", "latency": "200", "transition": "auto", "execution_horizon": None}
     assert describe(options, "ddim-10", "ddim", tiny_config(max_delay=4))["transition"] == "trained"

@@ -294,7 +294,7 @@ def test_baselines_with_their_own_steps_closed_loop(checkpoint, tmp_path):
 
 def test_report_shows_each_runs_steps(tmp_path):
     """parapolicy.report: steps per run from summary.json (older summaries: the sampler's for all)."""
-    from parapolicy.evaluation.report import collect_rows, format_rows
+    from parapolicy.evaluation.sweeps import collect_rows, format_rows
 
     run = {"success_rate": 0.5, "success_ci95": [0.1, 0.9], "n_episodes": 2, "latency_ms": {"p50": 10.0},
            "rounds_mean": 4.0, "model_evals_mean": 40.0}

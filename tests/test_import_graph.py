@@ -216,10 +216,10 @@ def test_the_layer_check_catches_upward_imports():
              "parapolicy.samplers.demo": {"parapolicy.policy.unet"},
              "parapolicy.policy.diffusion_policy": {"parapolicy.observation", "parapolicy.samplers.base",
                                                     "parapolicy.devices"},
-             "parapolicy.observation": {"parapolicy.evaluation.report"},
+             "parapolicy.observation": {"parapolicy.evaluation.sweeps"},
              "parapolicy.serving.server": {"parapolicy.realtime.planner", "parapolicy.policy.accel"}}
     assert upward_imports(edges) == [
-        "parapolicy.observation (observation) imports parapolicy.evaluation.report (above the layers)",
+        "parapolicy.observation (observation) imports parapolicy.evaluation.sweeps (above the layers)",
         "parapolicy.realtime.async_policy (executor) imports parapolicy.serving.protocol (serving)",
         "parapolicy.samplers.demo (samplers) imports parapolicy.policy.unet (policy)"]
 

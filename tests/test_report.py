@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from parapolicy.evaluation.report import collect_rows, plot_rows, plot_series
+from parapolicy.evaluation.sweeps import collect_rows, plot_rows, plot_series
 
 
 def write_summary(folder: Path, steps: int, tolerance: float, window: int | None = None, name: str = "paraddpm"):

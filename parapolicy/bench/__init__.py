@@ -43,7 +43,7 @@ from parapolicy.bench.jobs import (FAST_SUFFIX, PHASES, Job, build_jobs, expand_
                                    step_label, twin_name, with_sampler)
 from parapolicy.bench.observations import load_observations
 from parapolicy.bench.run import run_bench
-from parapolicy.bench.timing import headline, stats, summarize_phase, time_phase
+from parapolicy.bench.timed_calls import headline, stats, summarize_phase, time_phase
 
 __all__ = ["FAST_SUFFIX", "PHASES", "Job", "add_predictions", "build_jobs", "denoiser_networks", "expand_sampler_names",
            "fast_modes", "headline", "interpolate", "load_observations", "predict_latency", "run_bench", "stats",

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 from parapolicy.bench.jobs import PHASES
 from parapolicy.bench.networks import CHECKPOINT, NetworkSpec, build_network, network_names, num_parameters
-from parapolicy.bench.timing import stats
+from parapolicy.bench.timed_calls import stats
 from parapolicy.devices import synchronize
 
 

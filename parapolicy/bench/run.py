@@ -18,9 +18,9 @@ from parapolicy.bench.networks import (CHECKPOINT, DP_NETWORKS, build_network, e
                                        num_parameters, random_images)
 from parapolicy.bench.observations import load_observations
 from parapolicy.bench.plots import make_plots
-from parapolicy.bench.report import (backend_comparison, format_backends, format_denoiser_table, format_headline,
+from parapolicy.bench.tables import (backend_comparison, format_backends, format_denoiser_table, format_headline,
                                      format_table, format_vs_eager)
-from parapolicy.bench.timing import headline, summarize_phase, time_phase
+from parapolicy.bench.timed_calls import headline, summarize_phase, time_phase
 from parapolicy.policy.checkpoint import resolve_checkpoint
 from parapolicy.devices import device_name, pick_device
 

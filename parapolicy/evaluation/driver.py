@@ -21,9 +21,9 @@ from parapolicy.evaluation.runs import RunSpec, build_runs, check_episodes, plan
 
 def validate(cfg: DictConfig) -> tuple[Path, list[RunSpec]]:
     """Fail on bad values before any simulator starts; returns the checkpoint folder and the runs."""
-    from parapolicy.evaluation.video import validate_video
+    from parapolicy.evaluation.recording import validate_video
 
-    from parapolicy.evaluation.timing import timing_options
+    from parapolicy.evaluation.realtime_options import timing_options
 
     check_episodes(cfg)
     timing_options(cfg)
@@ -93,7 +93,7 @@ def run_eval(cfg: DictConfig, out_dir: Path) -> dict:
         executor.close()
         log.close()
     if cfg.get("video"):  # a replay with rendering, after the timed episodes
-        from parapolicy.evaluation.video import record_videos
+        from parapolicy.evaluation.recording import record_videos
 
         record_videos(cfg, out_dir, runs, specs, log.episodes, wanted)
 
@@ -105,7 +105,7 @@ def run_eval(cfg: DictConfig, out_dir: Path) -> dict:
                "fast_path": str(cfg.get("fast_path", "auto")), "fast_path_warmup": fast_path_warmup,
                **executor.describe(),
                **summarize(episodes, list(runs), baseline_label, specs)}
-    from parapolicy.evaluation.timing import describe, timing_options
+    from parapolicy.evaluation.realtime_options import describe, timing_options
 
     realtime = timing_options(cfg)
     summary["timing"] = realtime["timing"]
@@ -133,7 +133,7 @@ def run_server_eval(cfg: DictConfig, out_dir: Path) -> dict:
     from parapolicy.evaluation.metrics import format_table, latency_stats, summarize_run
     from parapolicy.evaluation.remote import ServerExecutor
 
-    from parapolicy.evaluation.timing import timing_options
+    from parapolicy.evaluation.realtime_options import timing_options
 
     check_episodes(cfg)
     if timing_options(cfg)["timing"] != "sync":

@@ -38,7 +38,7 @@ def make_executor(cfg: DictConfig, checkpoint: Path, specs: list):
     kind = str(cfg.get("executor") or "local")
     if kind not in EXECUTORS:
         raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {kind!r}")
-    from parapolicy.evaluation.timing import timing_options
+    from parapolicy.evaluation.realtime_options import timing_options
 
     realtime = timing_options(cfg)
     if kind == "local":
@@ -181,7 +181,7 @@ class RayExecutor:
         if self.num_workers is not None and int(self.num_workers) < 1:
             raise ValueError(f"ray.num_workers must be >= 1 or null, got {self.num_workers}")
         self.checkpoint, self.specs = checkpoint, specs
-        from parapolicy.evaluation.timing import timing_options
+        from parapolicy.evaluation.realtime_options import timing_options
 
         self.realtime = timing_options(cfg)
         self.env_name, self.max_episode_steps = cfg.env.name, cfg.max_episode_steps
