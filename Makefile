@@ -91,13 +91,15 @@ LEROBOT_PYTHON ?= $(shell pyenv root 2>/dev/null)/versions/3.12.1/bin/python3.12
 LEROBOT_VENV ?= $(HOME)/.cache/parapolicy/lerobot-venv
 LEROBOT_STAMP := $(LEROBOT_VENV)/.parapolicy-lerobot-installed
 LEROBOT_TIMEOUT_S ?= 2400
-.PHONY: test-lerobot
+.PHONY: test-lerobot lerobot-venv
 
 $(LEROBOT_STAMP): lerobot_plugin/pyproject.toml tests/lerobot_real/pusht_robot/pyproject.toml
 	test -x $(LEROBOT_VENV)/bin/python || $(LEROBOT_PYTHON) -m venv $(LEROBOT_VENV)
 	$(LEROBOT_VENV)/bin/pip install -q "lerobot[pusht,diffusion,async]==0.6.1" "pytest>=7"
 	$(LEROBOT_VENV)/bin/pip install -q --no-deps -e . -e lerobot_plugin -e tests/lerobot_real/pusht_robot
 	touch $(LEROBOT_STAMP)
+
+lerobot-venv: $(LEROBOT_STAMP)
 
 test-lerobot: $(LEROBOT_STAMP)
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 timeout $(LEROBOT_TIMEOUT_S) $(LEROBOT_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/lerobot_real $(ARGS)
