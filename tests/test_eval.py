@@ -159,7 +159,7 @@ def test_multirun_over_two_samplers_and_report(checkpoint, tmp_path):
     ("baseline=nope", "unknown baseline sampler 'nope'"),
     ("n_episodes=0", "n_episodes must be >= 1"),
     ("first_episode=10", "first_episode must be an integer in [0, n_episodes)"),
-    ("checkpoint=/nonexistent/ckpt", "checkpoint '/nonexistent/ckpt' not found"),
+    ("checkpoint=/nonexistent/ckpt", "checkpoint /nonexistent/ckpt: folder not found"),
     ("baseline=ddim@1000", "must be an integer in [1, 100] (the checkpoint's num_train_timesteps), got '1000'"),
     ("sampler.timestep_spacing=trailling", "timestep_spacing must be one of leading, trailing, linspace"),
 ])
