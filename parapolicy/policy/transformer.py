@@ -34,6 +34,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from parapolicy.policy.unet import row_timesteps
+
 
 DP_BUFFERS = ("mask", "memory_mask")  # in DP's state dict under causal_attn, not in ours
 
@@ -266,11 +268,7 @@ class TransformerForDiffusion(nn.Module):
         global_cond ``[B, n_obs_steps * cond_dim]`` (``obs_as_cond``), ``[B, n_obs_steps * inpaint_dim]``
         (imposed on the first steps' last channels) or None -> ``[B, H, output_dim]``."""
         batch = sample.shape[0]
-        if not torch.is_tensor(timestep):
-            timestep = torch.tensor([timestep], device=sample.device)
-        if timestep.ndim == 0:
-            timestep = timestep[None]
-        timestep = timestep.to(sample.device).expand(batch)
+        timestep = row_timesteps(timestep, batch, sample.device)
         cond = None
         if self.obs_as_cond:
             cond = global_cond.reshape(batch, self.n_obs_steps, self.cond_dim)

@@ -15,6 +15,15 @@ import torch
 from torch import nn
 
 
+def row_timesteps(timestep: torch.Tensor | int, batch: int, device: torch.device) -> torch.Tensor:
+    """A network's timestep argument (``[B]``, one per row; ``[]``; or an int) as ``[B]`` on ``device``."""
+    if not torch.is_tensor(timestep):
+        timestep = torch.tensor([timestep], device=device)
+    if timestep.ndim == 0:
+        timestep = timestep[None]
+    return timestep.to(device).expand(batch)
+
+
 class SinusoidalPosEmb(nn.Module):
     """Timestep ``[B]`` -> sinusoidal embedding ``[B, dim]`` (transformer-style frequencies)."""
 
@@ -157,11 +166,7 @@ class ConditionalUnet1D(nn.Module):
         """sample ``[B, horizon, action_dim]``; timestep ``[B]`` (one per row), ``[]`` or int;
         global_cond ``[B, global_cond_dim]``. Returns ``[B, horizon, action_dim]``."""
         batch = sample.shape[0]
-        if not torch.is_tensor(timestep):
-            timestep = torch.tensor([timestep], device=sample.device)
-        if timestep.ndim == 0:
-            timestep = timestep[None]
-        timestep = timestep.to(sample.device).expand(batch)
+        timestep = row_timesteps(timestep, batch, sample.device)
 
         x = sample.transpose(1, 2)  # [B, A, H]: channels are the action dimensions
         cond = torch.cat([self.diffusion_step_encoder(timestep), global_cond], dim=-1)
