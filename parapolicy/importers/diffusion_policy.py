@@ -419,19 +419,8 @@ def convert_dp_checkpoint(
     config, scheduler = build_config(ckpt, sd)
 
     policy = DiffusionPolicy(config, scheduler_config=scheduler)
-    expected = policy.model.state_dict()
     model_sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
-    missing = sorted(set(expected) - set(model_sd))
-    unexpected = sorted(set(model_sd) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{what}: U-Net weights do not match DP's ConditionalUnet1D layout: missing "
-                         f"{missing[:5]}, unexpected {unexpected[:5]}")
-    for k, ref in expected.items():
-        if tuple(model_sd[k].shape) != tuple(ref.shape):
-            raise ValueError(f"{what}: {k} has shape {list(model_sd[k].shape)}, expected {list(ref.shape)}")
-        if not torch.isfinite(model_sd[k]).all():
-            raise ValueError(f"{what}: model.{k} contains NaN or inf")
-    policy.model.load_state_dict({k: v.float() for k, v in model_sd.items()}, strict=True)
+    load_network_weights(policy, model_sd, what, "U-Net", "ConditionalUnet1D")
     for name, dim in (("obs", config.obs_dim), ("action", config.action_dim)):
         scale, offset = _affine(sd, name, dim, what)
         lo, hi = dp_affine_to_minmax(scale, offset, f"{what}: normalizer {name}")
@@ -453,6 +442,23 @@ def convert_dp_checkpoint(
         "converter": "parapolicy.convert",
     }
     return save_converted(policy, out, training)
+
+
+def load_network_weights(policy: Any, state: Mapping[str, torch.Tensor], what: str, kind: str,
+                         dp_class: str) -> None:
+    """Load a DP network's weights ``state`` (keys without ``model.``) into ``policy.model``, refusing any
+    that miss, add, reshape or hold NaN / inf (named by ``kind`` and DP's ``dp_class``)."""
+    expected = policy.model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{what}: {kind} weights do not match DP's {dp_class} layout: missing "
+                         f"{missing[:5]}, unexpected {unexpected[:5]}")
+    for key, ref in expected.items():
+        if tuple(state[key].shape) != tuple(ref.shape):
+            raise ValueError(f"{what}: model.{key} has shape {list(state[key].shape)}, expected {list(ref.shape)}")
+        if not torch.isfinite(state[key]).all():
+            raise ValueError(f"{what}: model.{key} contains NaN or inf")
+    policy.model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
 
 
 def _excerpt(value: Any) -> Any:

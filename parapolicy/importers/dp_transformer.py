@@ -33,6 +33,7 @@ from parapolicy.importers.diffusion_policy import (
     _int,
     _our_env,
     dp_affine_to_minmax,
+    load_network_weights,
     read_action_space,
     read_scheduler,
 )
@@ -168,17 +169,7 @@ def _load_transformer(policy: Any, sd: Mapping[str, torch.Tensor], what: str) ->
                                              f"for causal_attn={policy.config.network['causal_attn']}")
         if ours is not None and (theirs.shape != ours.shape or not torch.equal(theirs.float(), ours)):
             raise UnsupportedCheckpointError(f"{what}: model.{key} is not Diffusion Policy's causal mask")
-    expected = policy.model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{what}: transformer weights do not match DP's TransformerForDiffusion layout: missing "
-                         f"{missing[:5]}, unexpected {unexpected[:5]}")
-    for key, ref in expected.items():
-        if tuple(state[key].shape) != tuple(ref.shape):
-            raise ValueError(f"{what}: model.{key} has shape {list(state[key].shape)}, expected {list(ref.shape)}")
-        if not torch.isfinite(state[key]).all():
-            raise ValueError(f"{what}: model.{key} contains NaN or inf")
-    policy.model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    load_network_weights(policy, state, what, "transformer", "TransformerForDiffusion")
 
 
 def _provenance(ckpt: DPCheckpoint, source: Path, weights_key: str, policy_class: str, **extra: Any) -> dict[str, Any]:
