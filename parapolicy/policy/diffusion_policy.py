@@ -310,6 +310,8 @@ class DiffusionPolicy(nn.Module):
         ``warm_from`` takes next time).
         """
         cfg = self.config
+        if prefix_mode not in ("auto", "inpaint", "trained"):
+            raise ValueError(f"prefix_mode must be 'auto', 'inpaint' or 'trained', got {prefix_mode!r}")
         obs_history = self._check_obs_history(obs_history)
         batch = obs_history.shape[0]
         images = self._check_images(images, batch)
@@ -322,14 +324,13 @@ class DiffusionPolicy(nn.Module):
             global_cond = global_condition(self, obs_history, images)
         else:
             global_cond = self.global_condition(obs_history, images)  # [B, n_obs_steps * feature_dim], once per call
+        told = False  # the network is given the prefix as known actions (a delay-conditioned policy)
         if cfg.delay_conditioned:
-            known = self._known_for_call(prefix, prefix_weights, prefix_mode, batch)
+            known, told = self._known_for_call(prefix, prefix_weights, prefix_mode, batch)
             global_cond = torch.cat([global_cond, known], dim=-1)
         elif prefix_mode == "trained":
             raise ValueError("prefix_mode='trained' needs a policy trained for delay (config max_delay > 0, "
                              "e.g. checkpoints/square_delay); this one was not: use prefix_mode='inpaint'")
-        elif prefix_mode not in ("auto", "inpaint"):
-            raise ValueError(f"prefix_mode must be 'auto', 'inpaint' or 'trained', got {prefix_mode!r}")
         encode_end = _now(self.device)
         shape = (batch, cfg.horizon, cfg.sample_dim)
         if x_T is None:
@@ -348,9 +349,7 @@ class DiffusionPolicy(nn.Module):
             denoise = apply_fast_path(self, denoise, global_cond)
         constraint = None
         if prefix is not None:
-            clean = False  # a policy trained with the committed positions clean in the sample, told them
-            if cfg.delay_conditioned and cfg.committed_in_sample == "clean":
-                clean = bool(known[:, cfg.known_positions * cfg.action_dim :].any())
+            clean = told and cfg.committed_in_sample == "clean"  # trained with them clean in the sample
             constraint = self._prefix_constraint(prefix, prefix_weights, prefix_noise, batch, generator, clean)
             denoise = constraint.wrap(denoise)
         elif prefix_weights is not None or prefix_noise is not None:
@@ -379,19 +378,18 @@ class DiffusionPolicy(nn.Module):
             "sample_ms": (_now(self.device) - encode_end) * 1e3,
         }
 
-    def _known_for_call(self, prefix, weights, mode: str, batch: int) -> torch.Tensor:
-        """A delay-conditioned policy's known-actions conditioning ``[B, known_cond_dim]`` for one call."""
-        if mode not in ("auto", "inpaint", "trained"):
-            raise ValueError(f"prefix_mode must be 'auto', 'inpaint' or 'trained', got {mode!r}")
+    def _known_for_call(self, prefix, weights, mode: str, batch: int) -> tuple[torch.Tensor, bool]:
+        """A delay-conditioned policy's known-actions conditioning ``[B, known_cond_dim]`` for one call, and
+        whether it tells the prefix (``mode`` "trained", or "auto" with a prefix known exactly)."""
         hard = prefix is not None and (weights is None or bool((torch.as_tensor(weights) == 1).all()))
         if mode == "trained" and not hard:
             raise ValueError("prefix_mode='trained' needs a prefix known exactly (prefix_weights None or all 1)")
         if mode == "inpaint" or not hard:
-            return self.known_condition(None, torch.zeros(batch, dtype=torch.long))
+            return self.known_condition(None, torch.zeros(batch, dtype=torch.long)), False
         prefix = torch.as_tensor(prefix, dtype=torch.float32, device=self.device)
         if prefix.ndim != 3 or prefix.shape[0] != batch or prefix.shape[2] != self.config.action_dim:
             raise ValueError(f"prefix must have shape [B={batch}, L, {self.config.action_dim}], got {list(prefix.shape)}")
-        return self.known_condition(self.normalizer.action.normalize(prefix), prefix.shape[1])
+        return self.known_condition(self.normalizer.action.normalize(prefix), prefix.shape[1]), True
 
     def _prefix_constraint(self, prefix, weights, eta, batch: int, generator, clean: bool = False):
         """``predict_action``'s prefix arguments, checked and normalised -> a ``PrefixConstraint``; ``clean``:
